@@ -291,6 +291,17 @@ fn syntax_errors_have_exact_codes() {
             "553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on MAIL",
         ),
         ("DATA now\r\n", "501 5.5.4 Syntax: DATA"),
+        ("RSET all\r\n", "501 5.5.4 Syntax: RSET"),
+        ("QUIT now\r\n", "501 5.5.4 Syntax: QUIT"),
+        ("\r\n", "500 5.5.2 Error: command not recognized"),
+        (
+            "MAIL FROM:<s@x> SMTPUTF8=1\r\n",
+            "501 5.5.4 SMTPUTF8 takes no value",
+        ),
+        (
+            "MAIL FROM:<s@x> SIZE=1 SIZE=1\r\n",
+            "501 5.5.4 SIZE given twice",
+        ),
         ("BDAT ten\r\n", "501 5.5.4 Syntax: BDAT size [LAST]"),
         ("VRFY\r\n", "501 5.5.4 Syntax: VRFY address"),
     ];
