@@ -15,3 +15,4 @@
 
 pub mod envelope;
 pub mod proto;
+pub mod spool;

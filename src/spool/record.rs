@@ -1,0 +1,505 @@
+//! The record: one committed message (envelope and body) as bytes in a
+//! segment. Encoding, decoding and the checks on both.
+//!
+//! Layout (all integers little-endian; docs/SPOOL-FORMAT.md is the reference):
+//!
+//! ```text
+//! 0   magic "LSPR"        4     24  queue id u128      16
+//! 4   format version u16  2     40  received_at µs u64  8
+//! 6   flags u16 (0)       2     48  envelope_len u32    4
+//! 8   record_len u32      4     52  recipient count u32 4
+//! 12  crc32c u32          4     56  body_len u64        8
+//! 16  sequence u64        8     64  envelope, then body
+//! ```
+//!
+//! `record_len = 64 + envelope_len + body_len`; the record is followed by zero
+//! padding to a multiple of 8. The CRC32C covers bytes `[0, 12)` and
+//! `[16, record_len)`: everything but itself and the padding. A header of 16
+//! zero bytes marks the end of the written part of a segment (segments are
+//! pre-zeroed).
+//!
+//! This file does no I/O. Invariant (TigerBeetle style): [`encode`] decodes
+//! what it wrote before returning, and every reader decodes through [`parse`],
+//! which checks the CRC and every length before anything is used.
+
+use crate::envelope::{
+    BodyType, ClientInfo, Detail, Envelope, MailParams, Mailbox, Message, QueueId, Recipient,
+    ReversePath, TransactionId,
+};
+
+/// First four bytes of every record.
+pub const RECORD_MAGIC: [u8; 4] = *b"LSPR";
+/// The record format this code writes and reads.
+pub const RECORD_VERSION: u16 = 1;
+/// Size of the fixed record header.
+pub const RECORD_HEADER_LEN: usize = 64;
+/// Records start on multiples of this.
+pub const RECORD_ALIGN: usize = 8;
+/// Largest record: `record_len` is a u32.
+pub const RECORD_BYTES_MAX: usize = u32::MAX as usize;
+
+/// Why bytes are not a sound record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("bad magic {0:02x?} (not the start of a record)")]
+    Magic([u8; 4]),
+    #[error("record format version {0}, this program reads version 1")]
+    Version(u16),
+    #[error("record length {0} is impossible (header is 64 bytes, or runs past the segment)")]
+    Length(u64),
+    #[error("checksum mismatch: stored {stored:08x}, computed {computed:08x}")]
+    Checksum { stored: u32, computed: u32 },
+    #[error("envelope is malformed: {0}")]
+    Envelope(&'static str),
+    #[error("message too large for one record ({0} bytes; the limit is 4 GiB)")]
+    TooLarge(usize),
+}
+
+/// The fixed fields of a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub seq: u64,
+    pub queue_id: QueueId,
+    /// When the session finished receiving the data, microseconds since the
+    /// Unix epoch.
+    pub received_at_us: u64,
+    pub recipients: u32,
+    pub envelope_len: u32,
+    pub body_len: u64,
+}
+
+/// A checked record, borrowed from the bytes it was parsed from.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordView<'a> {
+    pub header: RecordHeader,
+    pub envelope_bytes: &'a [u8],
+    pub body: &'a [u8],
+}
+
+impl RecordView<'_> {
+    /// Decodes the envelope (already known to be well-formed by [`parse`]).
+    pub fn envelope(&self) -> Envelope {
+        decode_envelope(self.envelope_bytes, self.header.recipients)
+            .expect("parse() checked the envelope")
+    }
+}
+
+/// What [`parse`] found at the start of a buffer.
+#[derive(Debug)]
+pub enum Parsed<'a> {
+    /// A sound record and its padded length (where the next one starts).
+    Record(RecordView<'a>, usize),
+    /// 16 zero bytes: nothing was written here.
+    End,
+    /// Not a sound record: torn, corrupt, or not a record at all.
+    Invalid(RecordError),
+    /// The buffer ends inside the record; `needed` bytes are required.
+    Short { needed: usize },
+}
+
+/// Padded length of a record of `record_len` bytes.
+pub fn padded_len(record_len: usize) -> usize {
+    record_len.div_ceil(RECORD_ALIGN) * RECORD_ALIGN
+}
+
+fn crc_of(rec: &[u8]) -> u32 {
+    let c = crc32c::crc32c(&rec[..12]);
+    crc32c::crc32c_append(c, &rec[16..])
+}
+
+/// Appends the record of `msg` to `out`, padded to [`RECORD_ALIGN`], and
+/// returns its padded length. The record is parsed back and compared with its
+/// inputs before this returns (panics if that fails: a broken invariant).
+pub fn encode(
+    out: &mut Vec<u8>,
+    seq: u64,
+    queue_id: QueueId,
+    received_at_us: u64,
+    msg: &Message,
+) -> Result<usize, RecordError> {
+    let start = out.len();
+    out.resize(start + RECORD_HEADER_LEN, 0);
+    encode_envelope(out, &msg.envelope);
+    let envelope_len = out.len() - start - RECORD_HEADER_LEN;
+    let record_len = RECORD_HEADER_LEN as u64 + envelope_len as u64 + msg.body.len() as u64;
+    if record_len > RECORD_BYTES_MAX as u64 || envelope_len > u32::MAX as usize {
+        out.truncate(start);
+        return Err(RecordError::TooLarge(record_len as usize));
+    }
+    let recipients = u32::try_from(msg.envelope.recipients.len())
+        .map_err(|_| RecordError::TooLarge(record_len as usize))?;
+    out.extend_from_slice(&msg.body);
+    {
+        let h = &mut out[start..start + RECORD_HEADER_LEN];
+        h[0..4].copy_from_slice(&RECORD_MAGIC);
+        h[4..6].copy_from_slice(&RECORD_VERSION.to_le_bytes());
+        h[6..8].copy_from_slice(&0u16.to_le_bytes());
+        h[8..12].copy_from_slice(&(record_len as u32).to_le_bytes());
+        h[16..24].copy_from_slice(&seq.to_le_bytes());
+        h[24..40].copy_from_slice(&queue_id.0.to_le_bytes());
+        h[40..48].copy_from_slice(&received_at_us.to_le_bytes());
+        h[48..52].copy_from_slice(&(envelope_len as u32).to_le_bytes());
+        h[52..56].copy_from_slice(&recipients.to_le_bytes());
+        h[56..64].copy_from_slice(&(msg.body.len() as u64).to_le_bytes());
+    }
+    let crc = crc_of(&out[start..]);
+    out[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
+    let padded = padded_len(record_len as usize);
+    out.resize(start + padded, 0);
+
+    // Check the record right before it is written: it must parse back to
+    // exactly what was asked for.
+    match parse(&out[start..]) {
+        Parsed::Record(v, len) => {
+            assert_eq!(len, padded);
+            assert_eq!(v.header.seq, seq);
+            assert_eq!(v.header.queue_id, queue_id);
+            assert_eq!(v.header.received_at_us, received_at_us);
+            assert_eq!(v.body.len(), msg.body.len());
+            assert!(v.envelope() == msg.envelope, "envelope did not round-trip");
+        }
+        other => panic!("record just encoded does not parse: {other:?}"),
+    }
+    Ok(padded)
+}
+
+/// Parses the record at the start of `buf`, checking magic, version, lengths,
+/// checksum and envelope structure.
+pub fn parse(buf: &[u8]) -> Parsed<'_> {
+    if buf.len() < 16 {
+        if buf.iter().all(|&b| b == 0) {
+            return Parsed::End;
+        }
+        return Parsed::Short { needed: 16 };
+    }
+    if buf[..16].iter().all(|&b| b == 0) {
+        return Parsed::End;
+    }
+    let magic: [u8; 4] = buf[0..4].try_into().expect("4 bytes");
+    if magic != RECORD_MAGIC {
+        return Parsed::Invalid(RecordError::Magic(magic));
+    }
+    let version = u16::from_le_bytes([buf[4], buf[5]]);
+    if version != RECORD_VERSION {
+        return Parsed::Invalid(RecordError::Version(version));
+    }
+    let record_len = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes")) as usize;
+    if record_len < RECORD_HEADER_LEN {
+        return Parsed::Invalid(RecordError::Length(record_len as u64));
+    }
+    if buf.len() < record_len {
+        return Parsed::Short { needed: record_len };
+    }
+    let rec = &buf[..record_len];
+    let stored = u32::from_le_bytes(rec[12..16].try_into().expect("4 bytes"));
+    let computed = crc_of(rec);
+    if stored != computed {
+        return Parsed::Invalid(RecordError::Checksum { stored, computed });
+    }
+    let u64_at = |o: usize| u64::from_le_bytes(rec[o..o + 8].try_into().expect("8 bytes"));
+    let u32_at = |o: usize| u32::from_le_bytes(rec[o..o + 4].try_into().expect("4 bytes"));
+    let header = RecordHeader {
+        seq: u64_at(16),
+        queue_id: QueueId(u128::from_le_bytes(rec[24..40].try_into().expect("16"))),
+        received_at_us: u64_at(40),
+        envelope_len: u32_at(48),
+        recipients: u32_at(52),
+        body_len: u64_at(56),
+    };
+    let env_end = RECORD_HEADER_LEN as u64 + header.envelope_len as u64;
+    if env_end + header.body_len != record_len as u64 {
+        return Parsed::Invalid(RecordError::Length(record_len as u64));
+    }
+    let envelope_bytes = &rec[RECORD_HEADER_LEN..env_end as usize];
+    if let Err(e) = decode_envelope(envelope_bytes, header.recipients) {
+        return Parsed::Invalid(e);
+    }
+    let view = RecordView {
+        header,
+        envelope_bytes,
+        body: &rec[env_end as usize..],
+    };
+    Parsed::Record(view, padded_len(record_len))
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Envelope layout (little-endian; `str` is a u32 byte length then UTF-8):
+/// session u64, transaction seq u32, reverse-path tag u8 (0 `<>`, 1 mailbox)
+/// [local str, domain str], has_size u8, size u64, body type u8 (0 unset,
+/// 1 7BIT, 2 8BITMIME, 3 BINARYMIME), smtputf8 u8, peer str, lhlo str, then
+/// per recipient: local str, domain str, has_detail u8 [delimiter u32 (a
+/// Unicode scalar), base str, tag str].
+fn encode_envelope(out: &mut Vec<u8>, e: &Envelope) {
+    out.extend_from_slice(&e.transaction.session.to_le_bytes());
+    out.extend_from_slice(&e.transaction.seq.to_le_bytes());
+    match &e.reverse_path {
+        ReversePath::Null => out.push(0),
+        ReversePath::Mailbox(m) => {
+            out.push(1);
+            put_str(out, &m.local);
+            put_str(out, &m.domain);
+        }
+    }
+    out.push(e.params.size.is_some() as u8);
+    out.extend_from_slice(&e.params.size.unwrap_or(0).to_le_bytes());
+    out.push(match e.params.body {
+        None => 0,
+        Some(BodyType::SevenBit) => 1,
+        Some(BodyType::EightBitMime) => 2,
+        Some(BodyType::BinaryMime) => 3,
+    });
+    out.push(e.params.smtputf8 as u8);
+    put_str(out, &e.client.peer);
+    put_str(out, &e.client.lhlo);
+    for r in &e.recipients {
+        put_str(out, &r.mailbox.local);
+        put_str(out, &r.mailbox.domain);
+        match &r.detail {
+            None => out.push(0),
+            Some(d) => {
+                out.push(1);
+                out.extend_from_slice(&(d.delimiter as u32).to_le_bytes());
+                put_str(out, &d.base);
+                put_str(out, &d.tag);
+            }
+        }
+    }
+}
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
+        if self.buf.len() < n {
+            return Err(RecordError::Envelope("truncated"));
+        }
+        let (a, b) = self.buf.split_at(n);
+        self.buf = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, RecordError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, RecordError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn u64(&mut self) -> Result<u64, RecordError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+    fn flag(&mut self) -> Result<bool, RecordError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(RecordError::Envelope("flag byte is neither 0 nor 1")),
+        }
+    }
+    fn str(&mut self) -> Result<String, RecordError> {
+        let n = self.u32()? as usize;
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| RecordError::Envelope("string is not UTF-8"))
+    }
+}
+
+fn decode_envelope(buf: &[u8], recipients: u32) -> Result<Envelope, RecordError> {
+    let mut c = Cursor { buf };
+    let transaction = TransactionId {
+        session: c.u64()?,
+        seq: c.u32()?,
+    };
+    let reverse_path = match c.u8()? {
+        0 => ReversePath::Null,
+        1 => ReversePath::Mailbox(Mailbox {
+            local: c.str()?,
+            domain: c.str()?,
+        }),
+        _ => return Err(RecordError::Envelope("unknown reverse-path tag")),
+    };
+    let has_size = c.flag()?;
+    let size = c.u64()?;
+    let body = match c.u8()? {
+        0 => None,
+        1 => Some(BodyType::SevenBit),
+        2 => Some(BodyType::EightBitMime),
+        3 => Some(BodyType::BinaryMime),
+        _ => return Err(RecordError::Envelope("unknown BODY= type")),
+    };
+    let smtputf8 = c.flag()?;
+    let client = ClientInfo {
+        peer: c.str()?,
+        lhlo: c.str()?,
+    };
+    // Each recipient takes at least 9 bytes: a bound on the allocation that
+    // bad input cannot inflate.
+    if recipients as usize > c.buf.len() / 9 {
+        return Err(RecordError::Envelope(
+            "recipient count exceeds envelope size",
+        ));
+    }
+    let mut rcpts = Vec::with_capacity(recipients as usize);
+    for _ in 0..recipients {
+        let mailbox = Mailbox {
+            local: c.str()?,
+            domain: c.str()?,
+        };
+        let detail = if c.flag()? {
+            let delimiter = char::from_u32(c.u32()?)
+                .ok_or(RecordError::Envelope("detail delimiter is not a character"))?;
+            Some(Detail {
+                delimiter,
+                base: c.str()?,
+                tag: c.str()?,
+            })
+        } else {
+            None
+        };
+        rcpts.push(Recipient { mailbox, detail });
+    }
+    if !c.buf.is_empty() {
+        return Err(RecordError::Envelope("bytes left after the last recipient"));
+    }
+    Ok(Envelope {
+        reverse_path,
+        params: MailParams {
+            size: has_size.then_some(size),
+            body,
+            smtputf8,
+        },
+        recipients: rcpts,
+        client,
+        transaction,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample_message(n: usize, body_len: usize) -> Message {
+        let mut recipients = vec![Recipient {
+            mailbox: Mailbox {
+                local: format!("user{n}+tag"),
+                domain: "example.org".into(),
+            },
+            detail: Some(Detail {
+                base: format!("user{n}"),
+                delimiter: '+',
+                tag: "tag".into(),
+            }),
+        }];
+        recipients.push(Recipient {
+            mailbox: Mailbox {
+                local: "\"john doe\"".into(),
+                domain: "[IPv6:2001:db8::1]".into(),
+            },
+            detail: None,
+        });
+        let body: Vec<u8> = (0..body_len).map(|i| (i * 7 + n) as u8).collect();
+        Message {
+            envelope: Envelope {
+                reverse_path: ReversePath::Mailbox(Mailbox {
+                    local: "sender".into(),
+                    domain: "example.net".into(),
+                }),
+                params: MailParams {
+                    size: Some(body_len as u64),
+                    body: Some(BodyType::EightBitMime),
+                    smtputf8: n % 2 == 0,
+                },
+                recipients,
+                client: ClientInfo {
+                    peer: "192.0.2.7:41822".into(),
+                    lhlo: "mx.example.net".into(),
+                },
+                transaction: TransactionId {
+                    session: 0xdead_beef,
+                    seq: n as u32,
+                },
+            },
+            body,
+        }
+    }
+
+    #[test]
+    fn round_trip_checked_before_write_and_after_read() {
+        for (n, len) in [(0, 0), (1, 1), (2, 7), (3, 4096), (4, 65_537)] {
+            let msg = sample_message(n, len);
+            let mut buf = vec![0xAA; 3]; // encode appends
+            let padded = encode(&mut buf, 42 + n as u64, QueueId(7 << 90), 123_456, &msg).unwrap();
+            assert_eq!(buf.len(), 3 + padded);
+            assert_eq!(padded % RECORD_ALIGN, 0);
+            match parse(&buf[3..]) {
+                Parsed::Record(v, l) => {
+                    assert_eq!(l, padded);
+                    assert_eq!(v.header.seq, 42 + n as u64);
+                    assert_eq!(v.header.queue_id, QueueId(7 << 90));
+                    assert_eq!(v.envelope(), msg.envelope);
+                    assert_eq!(v.body, &msg.body[..]);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn null_sender_and_no_params_round_trip() {
+        let mut msg = sample_message(1, 10);
+        msg.envelope.reverse_path = ReversePath::Null;
+        msg.envelope.params = MailParams::default();
+        msg.envelope.recipients[0].detail = Some(Detail {
+            base: "u".into(),
+            delimiter: 'é',
+            tag: String::new(),
+        });
+        let mut buf = Vec::new();
+        encode(&mut buf, 1, QueueId(1), 0, &msg).unwrap();
+        let Parsed::Record(v, _) = parse(&buf) else {
+            panic!()
+        };
+        assert_eq!(v.envelope(), msg.envelope);
+    }
+
+    #[test]
+    fn every_flipped_bit_and_every_truncation_is_detected() {
+        let msg = sample_message(5, 100);
+        let mut buf = Vec::new();
+        let padded = encode(&mut buf, 9, QueueId(99), 1, &msg).unwrap();
+        let record_len = u32::from_le_bytes(buf[8..12].try_into().unwrap()) as usize;
+        for byte in 0..record_len {
+            for bit in 0..8 {
+                let mut b = buf.clone();
+                b[byte] ^= 1 << bit;
+                assert!(
+                    !matches!(parse(&b), Parsed::Record(..)),
+                    "flip at byte {byte} bit {bit} not detected"
+                );
+            }
+        }
+        for cut in 0..record_len {
+            let mut b = buf[..cut].to_vec();
+            // A torn write leaves zeros (pre-zeroed segment) after the cut.
+            b.resize(padded, 0);
+            assert!(
+                !matches!(parse(&b), Parsed::Record(..)),
+                "truncation at {cut} not detected"
+            );
+        }
+    }
+
+    #[test]
+    fn zeros_are_the_end_and_garbage_is_invalid() {
+        assert!(matches!(parse(&[0u8; 64]), Parsed::End));
+        assert!(matches!(parse(&[]), Parsed::End));
+        assert!(matches!(parse(&[0xFFu8; 64]), Parsed::Invalid(_)));
+        let mut huge = [0u8; 64];
+        huge[0..4].copy_from_slice(&RECORD_MAGIC);
+        huge[4..6].copy_from_slice(&1u16.to_le_bytes());
+        huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(parse(&huge), Parsed::Short { .. }));
+    }
+}

@@ -1,0 +1,328 @@
+//! A writer thread: group commit for one segment stream.
+//!
+//! Loop: block for the first message; take every message already waiting (up
+//! to `batch_messages_max` / `batch_bytes_max`); if messages are arriving
+//! concurrently, wait up to `batch_delay_us_max` for more; encode the batch
+//! into one buffer (each record checked as it is encoded); write it with one
+//! `pwrite` into the preallocated segment; ONE `fdatasync`; then queue an
+//! outcome for every message and wake each producer once.
+//!
+//! Failure rules: any write or sync error fails every message of the batch
+//! (never a success) and the writer abandons the segment (after a failed
+//! fsync the page cache may claim data the disk does not have, so retrying on
+//! the same file proves nothing); the next batch starts a fresh segment.
+//! ENOSPC, EDQUOT or the spool size cap answer `StorageFull` and make the
+//! writer refuse work, without I/O, until `maintenance_interval` has passed;
+//! then the next batch tries again.
+//!
+//! Must not: report `Committed` before the sync returned, block on a producer,
+//! or write past a segment's capacity (files never grow on the hot path).
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, TryRecvError};
+
+use super::record;
+use super::recover::{self, StreamEnd};
+use super::segment::{self, OpenSegment, SEGMENT_HEADER_LEN, SegmentId};
+use super::stats::WriterStats;
+use super::{Job, Shared, SpoolError, WriterMsg, queue_id_from_parts};
+use crate::envelope::CommitOutcome;
+
+/// Why a batch failed as a whole.
+enum Fail {
+    /// No space (disk or size cap): `StorageFull`.
+    Full,
+    /// Any other I/O error: `Failed`.
+    Io,
+}
+
+fn classify(e: &io::Error) -> Fail {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => Fail::Full,
+        _ => Fail::Io,
+    }
+}
+
+pub(crate) struct Writer {
+    id: u16,
+    shared: Arc<Shared>,
+    stats: Arc<WriterStats>,
+    rx: Receiver<WriterMsg>,
+    segment: Option<OpenSegment>,
+    next_index: u64,
+    next_seq: u64,
+    last_ms: u64,
+    /// Set while refusing work for lack of space: when to look again.
+    full_retry_at: Option<Instant>,
+    buf: Vec<u8>,
+    /// Exponentially weighted mean gap between submissions, nanoseconds.
+    gap_ewma_ns: u64,
+    last_submitted: Option<Instant>,
+    /// Messages found waiting when the previous batch was gathered.
+    previous_batch_len: usize,
+}
+
+impl Writer {
+    pub(crate) fn new(
+        id: u16,
+        shared: Arc<Shared>,
+        rx: Receiver<WriterMsg>,
+        end: Option<StreamEnd>,
+    ) -> Result<Writer, SpoolError> {
+        let next = recover::next_segment_id(id, end.as_ref());
+        let mut segment = None;
+        if let Some((info, offset, header)) = end.as_ref().and_then(|e| e.last.clone()) {
+            let capacity = header.capacity.min(info.len);
+            if offset + SEGMENT_HEADER_LEN < capacity {
+                let file = shared.config.storage.open(&info.path).map_err(|e| {
+                    SpoolError::io(format!("open {} for appending", info.path.display()), e)
+                })?;
+                segment = Some(OpenSegment {
+                    id: info.id,
+                    path: info.path.clone(),
+                    file,
+                    capacity,
+                    write_offset: offset,
+                });
+            }
+        }
+        Ok(Writer {
+            id,
+            stats: shared.stats[id as usize].clone(),
+            shared,
+            rx,
+            segment,
+            next_index: next.index,
+            next_seq: end.as_ref().map_or(0, |e| e.next_seq),
+            last_ms: end.as_ref().map_or(0, |e| e.last_id_ms),
+            full_retry_at: None,
+            buf: Vec::new(),
+            gap_ewma_ns: u64::MAX / 2,
+            last_submitted: None,
+            previous_batch_len: 0,
+        })
+    }
+
+    fn note_arrival(&mut self, job: &Job) {
+        if let Some(prev) = self.last_submitted {
+            let gap = job.submitted_at.saturating_duration_since(prev).as_nanos() as u64;
+            let ewma = self.gap_ewma_ns.min(u64::MAX / 2);
+            self.gap_ewma_ns = ewma - ewma / 8 + gap / 8;
+        }
+        self.last_submitted = Some(job.submitted_at);
+    }
+
+    pub(crate) fn run(mut self) {
+        let cfg = self.shared.config.clone();
+        let mut batch: Vec<Job> = Vec::with_capacity(cfg.batch_messages_max.min(4096));
+        let mut stopping = false;
+        while !stopping {
+            let first = match self.rx.recv() {
+                Ok(WriterMsg::Job(j)) => j,
+                Ok(WriterMsg::Stop) | Err(_) => break,
+            };
+            self.note_arrival(&first);
+            let mut bytes = first.message.body.len();
+            batch.push(first);
+            // Take everything already waiting, within the caps.
+            while batch.len() < cfg.batch_messages_max && bytes < cfg.batch_bytes_max {
+                match self.rx.try_recv() {
+                    Ok(WriterMsg::Job(j)) => {
+                        self.note_arrival(&j);
+                        bytes += j.message.body.len();
+                        batch.push(j);
+                    }
+                    Ok(WriterMsg::Stop) => {
+                        stopping = true;
+                        break;
+                    }
+                    Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
+                }
+            }
+            // Adaptive delay: only when others are submitting concurrently
+            // (the previous batch found more than one message waiting) and
+            // the next message is expected within the window.
+            let delay = Duration::from_micros(cfg.batch_delay_us_max);
+            let concurrent = self.previous_batch_len > 1 || batch.len() > 1;
+            if !stopping
+                && !delay.is_zero()
+                && concurrent
+                && (self.gap_ewma_ns as u128) < delay.as_nanos()
+            {
+                let deadline = Instant::now() + delay;
+                while batch.len() < cfg.batch_messages_max && bytes < cfg.batch_bytes_max {
+                    match self.rx.recv_deadline(deadline) {
+                        Ok(WriterMsg::Job(j)) => {
+                            self.note_arrival(&j);
+                            bytes += j.message.body.len();
+                            batch.push(j);
+                        }
+                        Ok(WriterMsg::Stop) => {
+                            stopping = true;
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            self.previous_batch_len = batch.len();
+            self.commit(&mut batch);
+        }
+    }
+
+    /// Writes and syncs `batch`, then delivers every outcome.
+    fn commit(&mut self, batch: &mut Vec<Job>) {
+        let mut outcomes: Vec<Option<CommitOutcome>> = vec![None; batch.len()];
+        // Refuse without I/O while full, until the retry time, or sooner if
+        // the maintenance thread saw space come back and cleared the flag.
+        let shared = self.shared.clone();
+        let flag = &shared.full[self.id as usize];
+        let refusing = flag.load(Ordering::Relaxed)
+            && self.full_retry_at.is_some_and(|at| Instant::now() < at);
+        let result = if refusing {
+            Err(Fail::Full)
+        } else {
+            self.write_batch(batch, &mut outcomes)
+        };
+        match &result {
+            Ok(()) => {
+                self.full_retry_at = None;
+                flag.store(false, Ordering::Relaxed);
+            }
+            Err(Fail::Full) => {
+                if !refusing {
+                    let retry = self.shared.config.maintenance_interval;
+                    self.full_retry_at = Some(Instant::now() + retry);
+                }
+                flag.store(true, Ordering::Relaxed);
+            }
+            Err(Fail::Io) => {}
+        }
+        self.stats.record_batch(batch.len() as u64);
+        let mut to_wake: Vec<Arc<super::ProducerShared>> = Vec::new();
+        for (job, slot) in batch.drain(..).zip(outcomes) {
+            let outcome = match (&result, slot) {
+                (Ok(()), Some(o)) => o,
+                (Ok(()), None) => unreachable!("write_batch sets every slot on success"),
+                (_, Some(CommitOutcome::Failed)) | (Err(Fail::Io), _) => CommitOutcome::Failed,
+                (Err(Fail::Full), _) => CommitOutcome::StorageFull,
+            };
+            let counter = match outcome {
+                CommitOutcome::Committed(_) => &self.stats.messages_committed,
+                CommitOutcome::Failed => &self.stats.messages_failed,
+                CommitOutcome::StorageFull => &self.stats.messages_storage_full,
+            };
+            self.stats.add(counter, 1);
+            job.producer.push(job.ticket, outcome);
+            if !to_wake.iter().any(|w| Arc::ptr_eq(w, &job.producer)) {
+                to_wake.push(job.producer);
+            }
+        }
+        for p in to_wake {
+            p.wake();
+        }
+    }
+
+    /// Encodes, writes and syncs the batch. On `Ok`, `outcomes` holds
+    /// `Committed` for every record written (or `Failed` for a message that
+    /// cannot be a record). On `Err`, the segment has been abandoned.
+    fn write_batch(
+        &mut self,
+        batch: &[Job],
+        outcomes: &mut [Option<CommitOutcome>],
+    ) -> Result<(), Fail> {
+        let mut seg = match self.segment.take() {
+            Some(s) => s,
+            None => self.new_segment(0)?,
+        };
+        let now_ms = segment::unix_ms(SystemTime::now());
+        let ms = now_ms.max(self.last_ms);
+        self.last_ms = ms;
+        self.buf.clear();
+        // File offset of buf[0] in `seg`.
+        let mut base = seg.write_offset;
+        let mut rotated: Vec<OpenSegment> = Vec::new();
+        let mut records = 0u64;
+        for (job, slot) in batch.iter().zip(outcomes.iter_mut()) {
+            let start = self.buf.len();
+            let id = queue_id_from_parts(ms, self.id, self.next_seq);
+            let received_us = job
+                .received_at
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64);
+            let len =
+                match record::encode(&mut self.buf, self.next_seq, id, received_us, &job.message) {
+                    Ok(len) => len,
+                    Err(_) => {
+                        *slot = Some(CommitOutcome::Failed);
+                        continue;
+                    }
+                };
+            if base + self.buf.len() as u64 > seg.capacity {
+                // This record does not fit: write what precedes it, seal the
+                // segment (synced below, before any outcome), start another.
+                if start > 0 {
+                    seg.file
+                        .write_all_at(&self.buf[..start], base)
+                        .map_err(|e| classify(&e))?;
+                    seg.write_offset = base + start as u64;
+                }
+                let fresh = self.new_segment(SEGMENT_HEADER_LEN + len as u64)?;
+                rotated.push(std::mem::replace(&mut seg, fresh));
+                self.buf.drain(..start);
+                base = seg.write_offset;
+            }
+            debug_assert!(base + self.buf.len() as u64 <= seg.capacity);
+            *slot = Some(CommitOutcome::Committed(id));
+            self.next_seq += 1;
+            records += 1;
+        }
+        if records == 0 && rotated.is_empty() {
+            self.segment = Some(seg);
+            return Ok(());
+        }
+        if !self.buf.is_empty() {
+            seg.file
+                .write_all_at(&self.buf, base)
+                .map_err(|e| classify(&e))?;
+        }
+        for s in rotated.iter_mut().chain(std::iter::once(&mut seg)) {
+            let t = Instant::now();
+            s.file.sync_data().map_err(|e| classify(&e))?;
+            self.stats.record_fsync(t.elapsed().as_nanos() as u64);
+        }
+        seg.write_offset = base + self.buf.len() as u64;
+        self.stats
+            .add(&self.stats.bytes_written, self.buf.len() as u64);
+        self.segment = Some(seg);
+        Ok(())
+    }
+
+    /// Creates the next segment of this stream, at least `min_bytes` large.
+    fn new_segment(&mut self, min_bytes: u64) -> Result<OpenSegment, Fail> {
+        let cfg = &self.shared.config;
+        let capacity = cfg.segment_bytes.max(min_bytes.div_ceil(4096) * 4096);
+        if let Some(cap) = cfg.spool_bytes_max {
+            let used = self.shared.spool_bytes.load(Ordering::Relaxed);
+            if cap.saturating_sub(used) < capacity {
+                return Err(Fail::Full);
+            }
+        }
+        let id = SegmentId {
+            writer: self.id,
+            index: self.next_index,
+        };
+        self.next_index += 1;
+        let seg = segment::create_segment(cfg.storage.as_ref(), &cfg.dir, id, capacity)
+            .map_err(|e| classify(&e))?;
+        self.shared
+            .spool_bytes
+            .fetch_add(capacity, Ordering::Relaxed);
+        self.stats.add(&self.stats.segments_created, 1);
+        Ok(seg)
+    }
+}

@@ -1,0 +1,193 @@
+//! Fault injection through the storage seam: write errors, sync errors and
+//! ENOSPC. The rule checked everywhere: no message is reported committed
+//! unless a successful sync covered every byte of its record.
+
+mod spool_util;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use lmtp_ingest::envelope::{CommitOutcome, QueueId};
+use lmtp_ingest::spool::fs::{FaultOp, FaultyStorage};
+use lmtp_ingest::spool::{Spool, reader};
+use spool_util::{config, message, spool_dir};
+
+/// Every committed id is in the spool, byte-identical, and its record's bytes
+/// were durable (per the storage model) when the outcome was reported.
+fn check_committed(
+    dir: &std::path::Path,
+    storage: &FaultyStorage,
+    committed: &[(QueueId, lmtp_ingest::envelope::Message)],
+) {
+    for (id, msg) in committed {
+        let r = reader::find(dir, *id)
+            .unwrap()
+            .unwrap_or_else(|| panic!("committed {id} is missing"));
+        assert_eq!(&r.message(), msg);
+        let path = dir.join(r.segment.file_name());
+        assert!(
+            storage.is_durable(&path, r.offset, r.padded_len),
+            "{id} was reported committed but its bytes were never synced"
+        );
+    }
+}
+
+#[test]
+fn write_error_sync_error_and_enospc_each_fail_the_batch_and_move_on() {
+    let dir = spool_dir("faults");
+    let storage = FaultyStorage::new();
+    let mut cfg = config(&dir);
+    cfg.storage = Arc::new(storage.clone());
+    let (spool, _) = Spool::open(cfg.clone()).unwrap();
+    let mut p = spool.producer(None);
+    let mut committed = Vec::new();
+    let mut commit = |p: &mut lmtp_ingest::spool::Producer, n: u32| {
+        let m = message(9, 0, n, 500);
+        let o = p.commit(m.clone());
+        if let CommitOutcome::Committed(id) = o {
+            committed.push((id, m));
+        }
+        o
+    };
+    let segment_of = |id: QueueId| reader::find(&dir, id).unwrap().unwrap().segment;
+
+    let CommitOutcome::Committed(a) = commit(&mut p, 0) else {
+        panic!()
+    };
+    storage.fail(FaultOp::Write, libc::EIO, 1);
+    assert_eq!(commit(&mut p, 1), CommitOutcome::Failed);
+    let CommitOutcome::Committed(b) = commit(&mut p, 2) else {
+        panic!()
+    };
+    assert!(
+        segment_of(b) > segment_of(a),
+        "a fresh segment after a write error"
+    );
+
+    storage.fail(FaultOp::Sync, libc::EIO, 1);
+    assert_eq!(commit(&mut p, 3), CommitOutcome::Failed);
+    let CommitOutcome::Committed(c) = commit(&mut p, 4) else {
+        panic!()
+    };
+    assert!(
+        segment_of(c) > segment_of(b),
+        "a fresh segment after a sync error"
+    );
+
+    // A full disk: the record write hits ENOSPC (as on a copy-on-write file
+    // system), the segment is abandoned, and creating a new one hits ENOSPC
+    // while zero-filling.
+    storage.fail(FaultOp::Write, libc::ENOSPC, u64::MAX);
+    assert_eq!(commit(&mut p, 5), CommitOutcome::StorageFull);
+    assert!(spool.is_storage_full());
+    std::thread::sleep(cfg.maintenance_interval + Duration::from_millis(20));
+    assert_eq!(commit(&mut p, 6), CommitOutcome::StorageFull);
+    assert!(spool.is_storage_full());
+    assert_eq!(commit(&mut p, 7), CommitOutcome::StorageFull);
+    storage.clear();
+    // Refused without I/O until the retry interval has passed.
+    std::thread::sleep(cfg.maintenance_interval + Duration::from_millis(20));
+    assert!(matches!(commit(&mut p, 8), CommitOutcome::Committed(_)));
+    assert!(!spool.is_storage_full());
+    // No half-made segment is left behind.
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        assert!(!name.ends_with(".prep"), "{name}");
+    }
+    check_committed(&dir, &storage, &committed);
+    spool.shutdown();
+
+    let (spool, report) = Spool::open(cfg).unwrap();
+    drop(spool);
+    assert!(report.records >= committed.len() as u64, "{report}");
+    check_committed(&dir, &storage, &committed);
+}
+
+#[test]
+fn random_faults_under_concurrent_load_never_ack_unsynced_bytes() {
+    let dir = spool_dir("random-faults");
+    let storage = FaultyStorage::new();
+    let mut cfg = config(&dir);
+    cfg.writers = 2;
+    cfg.segment_bytes = 64 << 10;
+    cfg.maintenance_interval = Duration::from_millis(5);
+    cfg.storage = Arc::new(storage.clone());
+    let (spool, _) = Spool::open(cfg.clone()).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let chaos = {
+        let storage = storage.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut x = 0x2545_F491_4F6C_DD1Du64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                match x % 4 {
+                    0 => storage.fail(FaultOp::Write, libc::EIO, 1),
+                    1 => storage.fail(FaultOp::Sync, libc::EIO, 1),
+                    2 => storage.fail(FaultOp::Write, libc::ENOSPC, 2),
+                    _ => storage.clear(),
+                }
+                std::thread::sleep(Duration::from_micros(300 + x % 700));
+            }
+            storage.clear();
+        })
+    };
+    let mut handles = Vec::new();
+    for t in 0..4u32 {
+        let p = spool.producer(None);
+        handles.push(std::thread::spawn(move || {
+            let mut committed = Vec::new();
+            let mut counts = [0usize; 3];
+            let mut next = 0u32;
+            let mut answered = 0;
+            while answered < 300 {
+                while next < 300 && p.in_flight() < 6 {
+                    let m = message(11, t, next, 100 + (next as usize * 131) % 4000);
+                    p.try_submit(next as u64, m, SystemTime::now()).unwrap();
+                    next += 1;
+                }
+                let (ticket, o) = p.wait_completion(Duration::from_secs(10)).unwrap();
+                answered += 1;
+                match o {
+                    CommitOutcome::Committed(id) => {
+                        counts[0] += 1;
+                        let n = ticket as u32;
+                        committed.push((id, message(11, t, n, 100 + (n as usize * 131) % 4000)));
+                    }
+                    CommitOutcome::Failed => counts[1] += 1,
+                    CommitOutcome::StorageFull => counts[2] += 1,
+                }
+            }
+            (committed, counts)
+        }));
+    }
+    let mut committed = Vec::new();
+    let mut counts = [0usize; 3];
+    for h in handles {
+        let (c, k) = h.join().unwrap();
+        committed.extend(c);
+        for i in 0..3 {
+            counts[i] += k[i];
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    chaos.join().unwrap();
+    eprintln!(
+        "committed {} failed {} full {}",
+        counts[0], counts[1], counts[2]
+    );
+    assert!(counts[0] > 0 && counts[1] + counts[2] > 0, "{counts:?}");
+    check_committed(&dir, &storage, &committed);
+    spool.shutdown();
+    let (spool, report) = Spool::open(cfg).unwrap();
+    drop(spool);
+    eprintln!("{report}");
+    check_committed(&dir, &storage, &committed);
+    let (_, scans) = reader::read_all(&dir).unwrap();
+    assert!(
+        scans.iter().all(|(_, s)| s.invalid.is_none()),
+        "recovery left a torn tail"
+    );
+}
