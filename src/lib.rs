@@ -14,5 +14,6 @@
 //! added by later work; see docs/ARCHITECTURE.md.
 
 pub mod envelope;
+pub mod io;
 pub mod proto;
 pub mod spool;

@@ -1,0 +1,513 @@
+//! The portable backend: one edge-triggered epoll loop per shard.
+//!
+//! Used where io_uring is refused (Docker's default seccomp profile,
+//! `kernel.io_uring_disabled`, old kernels) or when forced with `--io epoll`.
+//! It owns the sockets and does the system calls; everything else is the
+//! shard core's.
+//!
+//! Per connection the loop keeps a `readable` flag (edge-triggered: set by an
+//! event, cleared when a read would block) and an output buffer. A connection
+//! is read only while the core wants it read: not while its message is with
+//! the spool, and not while the shard is over its in-flight memory bound.
+//! Reads go through one 64 KiB shard buffer; a connection gets at most
+//! `READS_PER_TURN` reads before others get a turn.
+//!
+//! Must not: block (every socket is non-blocking, the only wait is
+//! `epoll_wait`), or hold a message the core does not know of.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::core::{ShardCore, Slot};
+use super::listen::Listener;
+
+const TOKEN_WAKE: u64 = u64::MAX;
+/// Listener `i` has token `TOKEN_LISTENER_BASE - i`.
+const TOKEN_LISTENER_BASE: u64 = u64::MAX - 1;
+const READ_BUF_BYTES: usize = 64 * 1024;
+const READS_PER_TURN: usize = 4;
+const EVENTS_MAX: usize = 512;
+/// Timeouts are minutes; checking them every second is plenty.
+const TICK: Duration = Duration::from_secs(1);
+
+/// The shard's eventfd: writer threads write to it to wake the loop.
+pub struct Waker {
+    fd: OwnedFd,
+}
+
+impl Waker {
+    pub fn new() -> io::Result<Arc<Waker>> {
+        // SAFETY: eventfd has no memory arguments; the returned descriptor is
+        // checked and then owned by the OwnedFd.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        Ok(Arc::new(Waker {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        }))
+    }
+
+    /// Wakes the loop. Never blocks: at worst the counter is already set.
+    pub fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live local to our own eventfd.
+        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    fn clear(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live local from our own eventfd.
+        unsafe { libc::read(self.fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+struct Sock {
+    fd: OwnedFd,
+    out: Vec<u8>,
+    out_sent: usize,
+    readable: bool,
+    eof: bool,
+}
+
+/// What a shard loop needs from the server.
+pub struct ShardParams {
+    pub shard_id: usize,
+    pub listeners: Vec<Listener>,
+    pub waker: Arc<Waker>,
+    pub shutdown: Arc<AtomicBool>,
+    /// How long to wait for busy sessions after shutdown begins.
+    pub shutdown_grace: Duration,
+    /// Connections this shard holds at most; more are answered 421 and closed.
+    pub connections_max: usize,
+}
+
+struct Epoll {
+    fd: OwnedFd,
+}
+
+impl Epoll {
+    fn new() -> io::Result<Epoll> {
+        // SAFETY: no memory arguments; the descriptor is checked, then owned.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fresh descriptor, owned from here on.
+        Ok(Epoll {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    fn ctl(&self, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: token };
+        // SAFETY: `ev` lives across the call; the kernel copies it.
+        if unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut ev) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn wait(&self, events: &mut [libc::epoll_event], timeout: Duration) -> io::Result<usize> {
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: the kernel writes at most `events.len()` entries into the
+        // slice, which stays borrowed mutably for the call.
+        let n = unsafe {
+            libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, ms)
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted { Ok(0) } else { Err(e) };
+        }
+        Ok(n as usize)
+    }
+}
+
+/// Formats the peer of an accepted socket as `ip:port`, `[ip6]:port` or `unix:`.
+fn peer_name(storage: &libc::sockaddr_storage) -> String {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+    match storage.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the family says accept4 wrote a sockaddr_in, which fits
+            // in (and is less aligned than) sockaddr_storage.
+            let a = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            SocketAddrV4::new(ip, u16::from_be(a.sin_port)).to_string()
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for sockaddr_in6.
+            let a = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
+            SocketAddrV6::new(ip, u16::from_be(a.sin6_port), 0, a.sin6_scope_id).to_string()
+        }
+        _ => "unix:".to_string(),
+    }
+}
+
+/// Runs one shard until shutdown completes.
+pub fn run_shard(mut core: ShardCore, params: ShardParams) -> io::Result<()> {
+    let ep = Epoll::new()?;
+    ep.ctl(libc::EPOLL_CTL_ADD, params.waker.raw_fd(), libc::EPOLLIN as u32, TOKEN_WAKE)?;
+    for (i, l) in params.listeners.iter().enumerate() {
+        // EPOLLEXCLUSIVE: a UNIX listener is shared by every shard; wake one.
+        ep.ctl(
+            libc::EPOLL_CTL_ADD,
+            l.fd.as_raw_fd(),
+            (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
+            TOKEN_LISTENER_BASE - i as u64,
+        )?;
+    }
+    let mut lp = Loop {
+        core: &mut core,
+        ep,
+        params,
+        socks: Vec::new(),
+        readq: VecDeque::new(),
+        buf: vec![0u8; READ_BUF_BYTES],
+        dirty: Vec::new(),
+        listening: true,
+        accept_paused_until: None,
+    };
+    lp.run()
+}
+
+struct Loop<'a> {
+    core: &'a mut ShardCore,
+    ep: Epoll,
+    params: ShardParams,
+    socks: Vec<Option<Sock>>,
+    readq: VecDeque<Slot>,
+    buf: Vec<u8>,
+    dirty: Vec<Slot>,
+    listening: bool,
+    /// After EMFILE/ENFILE the listeners rest a moment instead of spinning.
+    accept_paused_until: Option<Instant>,
+}
+
+impl Loop<'_> {
+    fn run(&mut self) -> io::Result<()> {
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_MAX];
+        let mut next_tick = Instant::now() + TICK;
+        let mut shutdown_deadline: Option<Instant> = None;
+        loop {
+            let timeout = if self.readq.is_empty() {
+                next_tick.saturating_duration_since(Instant::now())
+            } else {
+                Duration::ZERO
+            };
+            let n = self.ep.wait(&mut events, timeout)?;
+            let now = Instant::now();
+            let mut woke = false;
+            for ev in &events[..n] {
+                let (flags, token) = (ev.events, ev.u64);
+                if token == TOKEN_WAKE {
+                    self.params.waker.clear();
+                    woke = true;
+                } else if token >= TOKEN_LISTENER_BASE - self.params.listeners.len() as u64 + 1 {
+                    let i = (TOKEN_LISTENER_BASE - token) as usize;
+                    self.accept_all(now, i);
+                } else {
+                    let slot = token as Slot;
+                    let Some(s) = self.socks.get_mut(slot).and_then(Option::as_mut) else {
+                        continue;
+                    };
+                    let in_mask = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+                    if flags & in_mask != 0 && !s.readable {
+                        s.readable = true;
+                        self.readq.push_back(slot);
+                    }
+                    if flags & libc::EPOLLOUT as u32 != 0 {
+                        self.dirty.push(slot);
+                    }
+                }
+            }
+            if woke {
+                let was_paused = self.core.is_paused();
+                self.core.drain_completions(now);
+                if was_paused && !self.core.is_paused() {
+                    self.requeue_readable();
+                }
+                self.log_deliveries();
+            }
+            if self.params.shutdown.load(Ordering::Acquire) && shutdown_deadline.is_none() {
+                shutdown_deadline = Some(now + self.params.shutdown_grace);
+                self.stop_listening();
+                self.core.begin_shutdown();
+            }
+            self.read_turn(now);
+            if now >= next_tick {
+                next_tick = now + TICK;
+                self.core.handle_timeouts(now);
+                if self.accept_paused_until.is_some_and(|t| now >= t) {
+                    self.accept_paused_until = None;
+                    self.resume_listening();
+                }
+            }
+            self.service_dirty();
+            if let Some(deadline) = shutdown_deadline {
+                if self.core.slots_in_use() == 0 {
+                    return Ok(());
+                }
+                if now >= deadline {
+                    tracing::warn!(
+                        shard = self.params.shard_id,
+                        open = self.core.slots_in_use(),
+                        "shutdown grace period over; closing the remaining connections"
+                    );
+                    for slot in 0..self.socks.len() {
+                        if self.socks[slot].is_some() {
+                            self.close(slot);
+                        }
+                    }
+                    // Messages still with the spool are committed by it; their
+                    // clients are gone and will retry.
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn accept_all(&mut self, now: Instant, i: usize) {
+        if !self.listening {
+            return;
+        }
+        let lfd = self.params.listeners[i].fd.as_raw_fd();
+        loop {
+            // SAFETY: zeroed sockaddr_storage is a valid initial value.
+            let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            // SAFETY: `storage` and `len` are live locals the kernel fills.
+            let fd = unsafe {
+                libc::accept4(
+                    lfd,
+                    (&mut storage as *mut libc::sockaddr_storage).cast(),
+                    &mut len,
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EAGAIN) => return,
+                    Some(libc::EINTR) | Some(libc::ECONNABORTED) => continue,
+                    Some(libc::EMFILE) | Some(libc::ENFILE) => {
+                        tracing::warn!(
+                            shard = self.params.shard_id,
+                            "accept: {e}; raise LimitNOFILE (systemd) or `ulimit -n`; pausing accepts for a second"
+                        );
+                        self.stop_listening();
+                        self.accept_paused_until = Some(now + TICK);
+                        return;
+                    }
+                    _ => {
+                        tracing::warn!(shard = self.params.shard_id, "accept: {e}");
+                        return;
+                    }
+                }
+            }
+            // SAFETY: accept4 returned a fresh descriptor that we now own.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let peer = peer_name(&storage);
+            if self.core.open_connections() >= self.params.connections_max {
+                let msg = b"421 4.7.0 Too many connections, try again later\r\n";
+                // SAFETY: sends from a static buffer; failure is harmless here.
+                unsafe {
+                    libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), libc::MSG_NOSIGNAL)
+                };
+                continue;
+            }
+            if !peer.starts_with("unix:") {
+                // Replies are small and the client waits for them: no Nagle.
+                let _ = socket2::SockRef::from(&fd).set_tcp_nodelay(true);
+            }
+            let slot = self.core.open(now, peer);
+            let events = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+            if let Err(e) = self.ep.ctl(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), events, slot as u64) {
+                tracing::warn!("epoll_ctl add: {e}");
+                self.core.hang_up(slot);
+                continue;
+            }
+            if self.socks.len() <= slot {
+                self.socks.resize_with(slot + 1, || None);
+            }
+            // Data may already be waiting; the edge for it may have passed.
+            self.socks[slot] = Some(Sock {
+                fd,
+                out: Vec::new(),
+                out_sent: 0,
+                readable: true,
+                eof: false,
+            });
+            self.readq.push_back(slot);
+        }
+    }
+
+    fn stop_listening(&mut self) {
+        if !self.listening {
+            return;
+        }
+        self.listening = false;
+        for l in &self.params.listeners {
+            let _ = self.ep.ctl(libc::EPOLL_CTL_DEL, l.fd.as_raw_fd(), 0, 0);
+        }
+    }
+
+    fn resume_listening(&mut self) {
+        if self.listening || self.params.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        self.listening = true;
+        for (i, l) in self.params.listeners.iter().enumerate() {
+            let _ = self.ep.ctl(
+                libc::EPOLL_CTL_ADD,
+                l.fd.as_raw_fd(),
+                (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
+                TOKEN_LISTENER_BASE - i as u64,
+            );
+        }
+    }
+
+    /// After a pause: every connection with unread data gets a turn.
+    fn requeue_readable(&mut self) {
+        for (slot, s) in self.socks.iter().enumerate() {
+            if s.as_ref().is_some_and(|s| s.readable) {
+                self.readq.push_back(slot);
+            }
+        }
+    }
+
+    /// One pass over the connections waiting to be read.
+    fn read_turn(&mut self, now: Instant) {
+        for _ in 0..self.readq.len() {
+            let Some(slot) = self.readq.pop_front() else { break };
+            if !self.socks.get(slot).is_some_and(|s| s.as_ref().is_some_and(|s| s.readable)) {
+                continue;
+            }
+            if !self.core.wants_read(slot) {
+                // Waiting for the spool or paused: re-queued by service_dirty
+                // or requeue_readable when that changes.
+                continue;
+            }
+            let mut reads = 0;
+            let mut again = false;
+            while reads < READS_PER_TURN && self.core.wants_read(slot) {
+                reads += 1;
+                let fd = self.socks[slot].as_ref().expect("live").fd.as_raw_fd();
+                // SAFETY: the shard buffer is ours and outlives the call; the
+                // kernel writes at most its length.
+                let n = unsafe { libc::recv(fd, self.buf.as_mut_ptr().cast(), self.buf.len(), 0) };
+                if n > 0 {
+                    self.core.input(now, slot, &self.buf[..n as usize]);
+                    again = true;
+                    continue;
+                }
+                let s = self.socks[slot].as_mut().expect("live");
+                if n == 0 {
+                    s.readable = false;
+                    s.eof = true;
+                    self.dirty.push(slot);
+                    again = false;
+                    break;
+                }
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EAGAIN) => {
+                        s.readable = false;
+                        again = false;
+                        break;
+                    }
+                    Some(libc::EINTR) => continue,
+                    _ => {
+                        // ECONNRESET and friends: the client is gone.
+                        self.close(slot);
+                        again = false;
+                        break;
+                    }
+                }
+            }
+            if again {
+                self.readq.push_back(slot);
+            }
+        }
+    }
+
+    /// Sends output, closes finished connections, re-queues readers.
+    fn service_dirty(&mut self) {
+        self.core.take_dirty(&mut self.dirty);
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        for &slot in &dirty {
+            let Some(s) = self.socks.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            if s.out_sent == s.out.len() {
+                s.out.clear();
+                s.out_sent = 0;
+            }
+            self.core.take_output(slot, &mut s.out);
+            if !self.flush(slot) {
+                continue;
+            }
+            let s = self.socks[slot].as_ref().expect("live");
+            let flushed = s.out_sent == s.out.len();
+            if flushed && (self.core.should_close(slot) || (s.eof && !self.core.is_busy(slot))) {
+                self.close(slot);
+            } else if s.readable && self.core.wants_read(slot) {
+                self.readq.push_back(slot);
+            }
+        }
+        dirty.clear();
+        self.dirty = dirty;
+    }
+
+    /// Writes what it can; false if the connection failed and was closed.
+    fn flush(&mut self, slot: Slot) -> bool {
+        let s = self.socks[slot].as_mut().expect("live");
+        while s.out_sent < s.out.len() {
+            let rest = &s.out[s.out_sent..];
+            // SAFETY: `rest` is borrowed from the connection's buffer for the
+            // call; MSG_NOSIGNAL turns a closed peer into EPIPE, not SIGPIPE.
+            let n = unsafe {
+                libc::send(s.fd.as_raw_fd(), rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL)
+            };
+            if n >= 0 {
+                s.out_sent += n as usize;
+                continue;
+            }
+            match io::Error::last_os_error().raw_os_error() {
+                // EPOLLOUT (edge-triggered) will mark it dirty again.
+                Some(libc::EAGAIN) => return true,
+                Some(libc::EINTR) => continue,
+                _ => {
+                    self.close(slot);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn close(&mut self, slot: Slot) {
+        if let Some(s) = self.socks.get_mut(slot).and_then(Option::take) {
+            // Closing the descriptor removes it from the epoll set.
+            drop(s);
+            self.core.hang_up(slot);
+        }
+    }
+
+    fn log_deliveries(&mut self) {
+        for d in self.core.take_delivered() {
+            super::log_delivery(self.params.shard_id, &d);
+        }
+    }
+}
