@@ -35,6 +35,7 @@ pub mod record;
 pub mod recover;
 pub mod segment;
 pub mod stats;
+pub mod timefmt;
 mod writer;
 
 use std::collections::VecDeque;
