@@ -144,3 +144,153 @@ fn a_missing_spool_is_an_error_that_says_how_to_fix_it() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--spool DIR"));
 }
+
+fn tree(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(tree(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A message whose recipients try to escape the target directory.
+fn hostile_spool(name: &str) -> (std::path::PathBuf, QueueId, Message) {
+    use lmtp_ingest::envelope::{Mailbox, Recipient};
+    let dir = spool_dir(name);
+    let (spool, _) = Spool::open(config(&dir)).unwrap();
+    let mut p = spool.producer(None);
+    let mut m = message(41, 1, 1, 10);
+    m.body = b"Subject: hi\r\n\r\nFrom the start\r\n>From quoted\r\nend\r\n".to_vec();
+    m.envelope.recipients = vec![
+        Recipient {
+            mailbox: Mailbox {
+                local: "../../../etc/evil".into(),
+                domain: "x".into(),
+            },
+            detail: None,
+        },
+        Recipient {
+            mailbox: Mailbox {
+                local: "\".hidden/..\"".into(),
+                domain: "[IPv6:::1]".into(),
+            },
+            detail: None,
+        },
+        m.envelope.recipients[0].clone(),
+    ];
+    let CommitOutcome::Committed(id) = p.commit(m.clone()) else {
+        panic!()
+    };
+    spool.shutdown();
+    (dir, id, m)
+}
+
+#[test]
+fn export_maildir_is_safe_idempotent_and_adds_delivery_headers() {
+    let (dir, id, m) = hostile_spool("cli-maildir");
+    let to = dir.join("out-maildir");
+    let o = cli(
+        &dir,
+        &[
+            "export",
+            "--format",
+            "maildir",
+            "--to",
+            to.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let files = tree(&to);
+    assert_eq!(files.len(), 3, "{files:?}");
+    for f in &files {
+        assert!(f.starts_with(&to));
+        let rel = f.strip_prefix(&to).unwrap();
+        let parts: Vec<_> = rel.components().collect();
+        assert_eq!(parts.len(), 3, "mailbox/new/file: {rel:?}");
+        assert_eq!(parts[1].as_os_str(), "new");
+        assert!(!parts[0].as_os_str().to_str().unwrap().starts_with('.'));
+        assert!(
+            f.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .contains(&id.to_string())
+        );
+    }
+    let base = to.join("user0@example.org").join("new");
+    let f = std::fs::read_dir(&base)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let text = std::fs::read_to_string(f).unwrap();
+    assert!(text.starts_with(
+        "Return-Path: <sender1@example.net>\nDelivered-To: user0+box1@example.org\nSubject: hi\n"
+    ), "{text}");
+    assert!(!text.contains('\r'));
+    let body_lf = String::from_utf8(m.body.clone())
+        .unwrap()
+        .replace("\r\n", "\n");
+    assert!(text.ends_with(&body_lf));
+    // Exporting again delivers nothing twice.
+    let o = cli(
+        &dir,
+        &[
+            "export",
+            "--format",
+            "maildir",
+            "--to",
+            to.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("3 already there"));
+    assert_eq!(tree(&to).len(), 3);
+}
+
+#[test]
+fn export_mbox_quotes_from_lines_and_eml_keeps_crlf() {
+    let (dir, id, _) = hostile_spool("cli-mbox");
+    let to = dir.join("out-mbox");
+    let o = cli(
+        &dir,
+        &["export", "--format", "mbox", "--to", to.to_str().unwrap()],
+    );
+    assert!(o.status.success());
+    let files = tree(&to);
+    assert_eq!(files.len(), 3);
+    assert!(files.iter().all(|f| f.parent() == Some(to.as_path())));
+    let mbox = std::fs::read_to_string(to.join("user0@example.org.mbox")).unwrap();
+    assert!(mbox.starts_with("From sender1@example.net "));
+    assert!(
+        mbox.contains("\n>From the start\n>>From quoted\nend\n\n"),
+        "{mbox}"
+    );
+
+    let to = dir.join("out-eml");
+    let o = cli(
+        &dir,
+        &[
+            "export",
+            "--format",
+            "eml",
+            "--to",
+            to.to_str().unwrap(),
+            "--id",
+            &id.to_string(),
+        ],
+    );
+    assert!(o.status.success());
+    let eml = std::fs::read(to.join(format!("{id}-2.eml"))).unwrap();
+    assert!(eml.starts_with(
+        b"Return-Path: <sender1@example.net>\r\nDelivered-To: user0+box1@example.org\r\nSubject: hi\r\n"
+    ));
+    assert_eq!(tree(&to).len(), 3);
+}

@@ -25,7 +25,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Inspect and verify a spool.
+    /// Inspect, verify and export a spool.
     Spool(spool::SpoolArgs),
 }
 

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 use lmtp_ingest::envelope::{QueueId, ReversePath};
+use lmtp_ingest::spool::export::{Exporter, Format};
 use lmtp_ingest::spool::reader::{self, StoredRecord};
 use lmtp_ingest::spool::timefmt;
 
@@ -42,6 +43,18 @@ enum SpoolCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Deliver messages into a directory, one copy per recipient, adding
+    /// Return-Path: and Delivered-To: as a delivery agent would.
+    Export {
+        #[arg(long, value_enum)]
+        format: Format,
+        /// Target directory (created if missing).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// Only this message (repeatable); all messages when absent.
+        #[arg(long = "id", value_name = "ID")]
+        ids: Vec<String>,
+    },
 }
 
 pub fn run(args: SpoolArgs) -> Result<Outcome, String> {
@@ -56,6 +69,7 @@ pub fn run(args: SpoolArgs) -> Result<Outcome, String> {
         SpoolCommand::Ls { json } => ls(dir, json),
         SpoolCommand::Show { id } => show(dir, &id),
         SpoolCommand::Verify { json } => verify(dir, json),
+        SpoolCommand::Export { format, to, ids } => export(dir, format, &to, &ids),
     }
 }
 
@@ -284,4 +298,38 @@ fn verify(dir: &Path, json: bool) -> Result<Outcome, String> {
     } else {
         Outcome::Problem
     })
+}
+
+fn export(dir: &Path, format: Format, to: &Path, ids: &[String]) -> Result<Outcome, String> {
+    let wanted: Vec<QueueId> = ids.iter().map(|i| parse_id(i)).collect::<Result<_, _>>()?;
+    let mut ex =
+        Exporter::new(format, to).map_err(|e| format!("creating {}: {e}", to.display()))?;
+    let fail = |e: std::io::Error| format!("exporting to {}: {e}", to.display());
+    if wanted.is_empty() {
+        let segments =
+            reader::list_segments(dir).map_err(|e| format!("listing {}: {e}", dir.display()))?;
+        for info in segments {
+            let (records, _) = reader::read_segment_records(&info)
+                .map_err(|e| format!("reading {}: {e}", info.path.display()))?;
+            for r in &records {
+                ex.export(r).map_err(fail)?;
+            }
+        }
+    } else {
+        for id in wanted {
+            let r = reader::find(dir, id)
+                .map_err(|e| format!("reading {}: {e}", dir.display()))?
+                .ok_or_else(|| format!("no message {id} in {}", dir.display()))?;
+            ex.export(&r).map_err(fail)?;
+        }
+    }
+    let s = ex.finish().map_err(fail)?;
+    eprintln!(
+        "exported {} messages as {} deliveries to {} ({} already there)",
+        s.messages,
+        s.deliveries,
+        to.display(),
+        s.skipped
+    );
+    Ok(Outcome::Ok)
 }

@@ -28,6 +28,7 @@
 //! writer), 16 bits of writer number, 64 bits of that writer's record sequence.
 //! Unique because (writer, sequence) is; sortable by time as text.
 
+pub mod export;
 pub mod fs;
 pub mod lock;
 pub mod reader;
