@@ -1,4 +1,8 @@
-//! The `lmtp-ingest` command.
+//! The `lmtp-ingest` command: parses the command line and hands off to
+//! [`cli`]. Nothing else lives here, so each subcommand group stays in its
+//! own file under `src/cli/`.
+
+mod cli;
 
 use mimalloc::MiMalloc;
 
@@ -7,6 +11,6 @@ use mimalloc::MiMalloc;
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
-fn main() {
-    println!("lmtp-ingest {}", env!("CARGO_PKG_VERSION"));
+fn main() -> std::process::ExitCode {
+    cli::main()
 }

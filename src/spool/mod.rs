@@ -28,6 +28,7 @@
 //! writer), 16 bits of writer number, 64 bits of that writer's record sequence.
 //! Unique because (writer, sequence) is; sortable by time as text.
 
+pub mod export;
 pub mod fs;
 pub mod lock;
 pub mod reader;
@@ -35,6 +36,7 @@ pub mod record;
 pub mod recover;
 pub mod segment;
 pub mod stats;
+pub mod timefmt;
 mod writer;
 
 use std::collections::VecDeque;

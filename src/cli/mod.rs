@@ -1,0 +1,57 @@
+//! Command-line parsing (clap derive) and dispatch to one file per
+//! subcommand group. To add a group (`serve`, `load`, `doctor`): a variant in
+//! [`Command`], a file beside this one with its `Args` and `run`, one match arm.
+//!
+//! Exit codes: 0 success, 1 the command ran and found a problem (e.g. `spool
+//! verify` found corrupt records), 2 the command could not run (bad
+//! arguments, unreadable spool).
+
+mod spool;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lmtp-ingest",
+    version,
+    about = "A fast, durable LMTP ingest server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Inspect, verify and export a spool.
+    Spool(spool::SpoolArgs),
+}
+
+/// What a subcommand reports back.
+pub enum Outcome {
+    Ok,
+    /// Ran, and found a problem (exit 1).
+    Problem,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => {
+            // The server itself is not built yet (see the README).
+            println!("lmtp-ingest {}", env!("CARGO_PKG_VERSION"));
+            Ok(Outcome::Ok)
+        }
+        Some(Command::Spool(args)) => spool::run(args),
+    };
+    match result {
+        Ok(Outcome::Ok) => ExitCode::SUCCESS,
+        Ok(Outcome::Problem) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("lmtp-ingest: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
