@@ -13,7 +13,9 @@
 //! protocol to spool). The shard runtime, the spool and the operator tools are
 //! added by later work; see docs/ARCHITECTURE.md.
 
+pub mod config;
 pub mod envelope;
 pub mod io;
 pub mod proto;
+pub mod server;
 pub mod spool;

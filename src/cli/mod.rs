@@ -6,6 +6,7 @@
 //! verify` found corrupt records), 2 the command could not run (bad
 //! arguments, unreadable spool).
 
+mod serve;
 mod spool;
 
 use std::process::ExitCode;
@@ -25,6 +26,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the LMTP server (the default when no command is given).
+    Serve(serve::ServeArgs),
     /// Inspect, verify and export a spool.
     Spool(spool::SpoolArgs),
 }
@@ -39,11 +42,8 @@ pub enum Outcome {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        None => {
-            // The server itself is not built yet (see the README).
-            println!("lmtp-ingest {}", env!("CARGO_PKG_VERSION"));
-            Ok(Outcome::Ok)
-        }
+        None => serve::run(serve::ServeArgs::default()),
+        Some(Command::Serve(args)) => serve::run(args),
         Some(Command::Spool(args)) => spool::run(args),
     };
     match result {

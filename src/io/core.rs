@@ -306,8 +306,13 @@ impl ShardCore {
         self.completions = completions;
         let retries = self.retry.len();
         for _ in 0..retries {
-            let Some(slot) = self.retry.pop_front() else { break };
-            if self.conns[slot].as_ref().is_some_and(|c| c.waiting.is_some()) {
+            let Some(slot) = self.retry.pop_front() else {
+                break;
+            };
+            if self.conns[slot]
+                .as_ref()
+                .is_some_and(|c| c.waiting.is_some())
+            {
                 self.submit(now, slot);
             }
         }
@@ -337,12 +342,16 @@ impl ShardCore {
     /// Whether the backend should read from `slot` now.
     pub fn wants_read(&self, slot: Slot) -> bool {
         !self.is_paused()
-            && self.conns.get(slot).and_then(Option::as_ref).is_some_and(|c| {
-                c.held.is_empty()
-                    && c.in_spool.is_none()
-                    && c.waiting.is_none()
-                    && c.session.as_ref().is_some_and(|s| !s.is_closing())
-            })
+            && self
+                .conns
+                .get(slot)
+                .and_then(Option::as_ref)
+                .is_some_and(|c| {
+                    c.held.is_empty()
+                        && c.in_spool.is_none()
+                        && c.waiting.is_none()
+                        && c.session.as_ref().is_some_and(|s| !s.is_closing())
+                })
     }
 
     /// The server owes this connection something: a message is with the
@@ -473,7 +482,10 @@ mod tests {
         let slot = core.open(now, "127.0.0.1:9".into());
         assert!(output(&mut core, slot).starts_with("220 mx.core"));
         core.input(now, slot, TXN);
-        assert!(!core.wants_read(slot), "no reading while the message is with the spool");
+        assert!(
+            !core.wants_read(slot),
+            "no reading while the message is with the spool"
+        );
         assert_eq!(core.inflight_bytes(), 7);
         let before = output(&mut core, slot);
         assert!(before.ends_with("354 Start mail input; end with <CRLF>.<CRLF>\r\n"));
@@ -483,7 +495,10 @@ mod tests {
         assert_eq!(lines.len(), 3, "{after}");
         assert!(lines[0].starts_with("250 2.0.0 <a@x> ") && lines[0].ends_with(" Saved"));
         assert!(lines[1].starts_with("250 2.0.0 <b@x> "));
-        assert_eq!(lines[2], "221 2.0.0 Bye", "the held QUIT runs after the outcome");
+        assert_eq!(
+            lines[2], "221 2.0.0 Bye",
+            "the held QUIT runs after the outcome"
+        );
         assert!(core.should_close(slot));
         let d: Vec<Delivered> = core.take_delivered().collect();
         assert_eq!(d.len(), 1);
@@ -522,7 +537,11 @@ mod tests {
         let mut core = core(&spool, 1 << 20);
         let now = Instant::now();
         let slot = core.open(now, "127.0.0.1:9".into());
-        core.input(now, slot, b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<a@x>\r\nDATA\r\npartial body");
+        core.input(
+            now,
+            slot,
+            b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<a@x>\r\nDATA\r\npartial body",
+        );
         core.hang_up(slot);
         assert_eq!((core.slots_in_use(), core.inflight_bytes()), (0, 0));
         drop(spool);
@@ -557,7 +576,11 @@ mod tests {
         let b = core.open(now, "127.0.0.1:2".into());
         core.input(now, a, TXN);
         core.input(now, b, TXN);
-        assert_eq!(core.stats().spool_queue_full, 1, "the second waits for room");
+        assert_eq!(
+            core.stats().spool_queue_full,
+            1,
+            "the second waits for room"
+        );
         assert_eq!(core.inflight_bytes(), 14);
         settle(&mut core, |c| c.stats().messages_committed == 2);
         for slot in [a, b] {
@@ -577,19 +600,35 @@ mod tests {
         let now = Instant::now();
         let idle = core.open(now, "127.0.0.1:1".into());
         let busy = core.open(now, "127.0.0.1:2".into());
-        core.input(now, busy, b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<a@x>\r\nDATA\r\n");
+        core.input(
+            now,
+            busy,
+            b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<a@x>\r\nDATA\r\n",
+        );
         core.begin_shutdown();
         assert!(core.should_close(idle));
-        assert!(output(&mut core, idle).ends_with("421 4.3.2 mx.core Service shutting down, closing connection\r\n"));
-        assert!(!core.should_close(busy), "a transaction in flight finishes first");
+        assert!(
+            output(&mut core, idle)
+                .ends_with("421 4.3.2 mx.core Service shutting down, closing connection\r\n")
+        );
+        assert!(
+            !core.should_close(busy),
+            "a transaction in flight finishes first"
+        );
         let late = core.open(now, "127.0.0.1:3".into());
-        assert!(core.should_close(late), "new connections during shutdown get the 421");
+        assert!(
+            core.should_close(late),
+            "new connections during shutdown get the 421"
+        );
         // The busy one times out if its client stalls.
         let later = now + Duration::from_secs(301);
         assert!(core.next_deadline().is_some_and(|d| d <= later));
         core.handle_timeouts(later);
         assert!(core.should_close(busy));
-        assert!(output(&mut core, busy).ends_with("421 4.4.2 mx.core Error: timeout exceeded, closing connection\r\n"));
+        assert!(
+            output(&mut core, busy)
+                .ends_with("421 4.4.2 mx.core Error: timeout exceeded, closing connection\r\n")
+        );
         drop(spool);
         let _ = std::fs::remove_dir_all(dir);
     }

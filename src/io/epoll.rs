@@ -122,11 +122,20 @@ impl Epoll {
         // SAFETY: the kernel writes at most `events.len()` entries into the
         // slice, which stays borrowed mutably for the call.
         let n = unsafe {
-            libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, ms)
+            libc::epoll_wait(
+                self.fd.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as i32,
+                ms,
+            )
         };
         if n < 0 {
             let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted { Ok(0) } else { Err(e) };
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(0)
+            } else {
+                Err(e)
+            };
         }
         Ok(n as usize)
     }
@@ -139,13 +148,16 @@ fn peer_name(storage: &libc::sockaddr_storage) -> String {
         libc::AF_INET => {
             // SAFETY: the family says accept4 wrote a sockaddr_in, which fits
             // in (and is less aligned than) sockaddr_storage.
-            let a = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let a =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
             let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
             SocketAddrV4::new(ip, u16::from_be(a.sin_port)).to_string()
         }
         libc::AF_INET6 => {
             // SAFETY: as above, for sockaddr_in6.
-            let a = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let a = unsafe {
+                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
             let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
             SocketAddrV6::new(ip, u16::from_be(a.sin6_port), 0, a.sin6_scope_id).to_string()
         }
@@ -156,7 +168,12 @@ fn peer_name(storage: &libc::sockaddr_storage) -> String {
 /// Runs one shard until shutdown completes.
 pub fn run_shard(mut core: ShardCore, params: ShardParams) -> io::Result<()> {
     let ep = Epoll::new()?;
-    ep.ctl(libc::EPOLL_CTL_ADD, params.waker.raw_fd(), libc::EPOLLIN as u32, TOKEN_WAKE)?;
+    ep.ctl(
+        libc::EPOLL_CTL_ADD,
+        params.waker.raw_fd(),
+        libc::EPOLLIN as u32,
+        TOKEN_WAKE,
+    )?;
     for (i, l) in params.listeners.iter().enumerate() {
         // EPOLLEXCLUSIVE: a UNIX listener is shared by every shard; wake one.
         ep.ctl(
@@ -220,7 +237,8 @@ impl Loop<'_> {
                     let Some(s) = self.socks.get_mut(slot).and_then(Option::as_mut) else {
                         continue;
                     };
-                    let in_mask = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+                    let in_mask =
+                        (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
                     if flags & in_mask != 0 && !s.readable {
                         s.readable = true;
                         self.readq.push_back(slot);
@@ -321,7 +339,12 @@ impl Loop<'_> {
                 let msg = b"421 4.7.0 Too many connections, try again later\r\n";
                 // SAFETY: sends from a static buffer; failure is harmless here.
                 unsafe {
-                    libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), libc::MSG_NOSIGNAL)
+                    libc::send(
+                        fd.as_raw_fd(),
+                        msg.as_ptr().cast(),
+                        msg.len(),
+                        libc::MSG_NOSIGNAL,
+                    )
                 };
                 continue;
             }
@@ -331,7 +354,10 @@ impl Loop<'_> {
             }
             let slot = self.core.open(now, peer);
             let events = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
-            if let Err(e) = self.ep.ctl(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), events, slot as u64) {
+            if let Err(e) = self
+                .ep
+                .ctl(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), events, slot as u64)
+            {
                 tracing::warn!("epoll_ctl add: {e}");
                 self.core.hang_up(slot);
                 continue;
@@ -388,8 +414,14 @@ impl Loop<'_> {
     /// One pass over the connections waiting to be read.
     fn read_turn(&mut self, now: Instant) {
         for _ in 0..self.readq.len() {
-            let Some(slot) = self.readq.pop_front() else { break };
-            if !self.socks.get(slot).is_some_and(|s| s.as_ref().is_some_and(|s| s.readable)) {
+            let Some(slot) = self.readq.pop_front() else {
+                break;
+            };
+            if !self
+                .socks
+                .get(slot)
+                .is_some_and(|s| s.as_ref().is_some_and(|s| s.readable))
+            {
                 continue;
             }
             if !self.core.wants_read(slot) {
@@ -478,7 +510,12 @@ impl Loop<'_> {
             // SAFETY: `rest` is borrowed from the connection's buffer for the
             // call; MSG_NOSIGNAL turns a closed peer into EPIPE, not SIGPIPE.
             let n = unsafe {
-                libc::send(s.fd.as_raw_fd(), rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL)
+                libc::send(
+                    s.fd.as_raw_fd(),
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    libc::MSG_NOSIGNAL,
+                )
             };
             if n >= 0 {
                 s.out_sent += n as usize;

@@ -36,7 +36,9 @@ impl std::str::FromStr for ListenAddr {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
-                return Err(format!("'{s}': a UNIX socket needs a path, as in unix:/run/lmtp-ingest/lmtp.sock"));
+                return Err(format!(
+                    "'{s}': a UNIX socket needs a path, as in unix:/run/lmtp-ingest/lmtp.sock"
+                ));
             }
             return Ok(ListenAddr::Unix(PathBuf::from(path)));
         }
@@ -73,8 +75,12 @@ pub fn tcp(addr: SocketAddr) -> Result<Listener, String> {
         };
         format!("listen on {addr}: {e}; {hint}")
     };
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)
-        .map_err(what)?;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )
+    .map_err(what)?;
     socket.set_reuse_address(true).map_err(what)?;
     socket.set_reuse_port(true).map_err(what)?;
     if addr.is_ipv6() {
@@ -116,8 +122,11 @@ pub fn unix(path: &Path, mode: u32) -> Result<Listener, String> {
         }
     }
     let what = |e: std::io::Error| format!("listen on unix:{shown}: {e}");
-    let socket = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None).map_err(what)?;
-    socket.bind(&SockAddr::unix(path).map_err(what)?).map_err(what)?;
+    let socket =
+        Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None).map_err(what)?;
+    socket
+        .bind(&SockAddr::unix(path).map_err(what)?)
+        .map_err(what)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(what)?;
     socket.listen(BACKLOG).map_err(what)?;
     Ok(Listener {
@@ -128,13 +137,32 @@ pub fn unix(path: &Path, mode: u32) -> Result<Listener, String> {
 
 /// Opens every address: TCP ones once per shard (SO_REUSEPORT), UNIX ones
 /// once, shared. Returns, per shard, the listeners it polls.
-pub fn open_all(addrs: &[ListenAddr], shards: usize, unix_mode: u32) -> Result<Vec<Vec<Listener>>, String> {
+pub fn open_all(
+    addrs: &[ListenAddr],
+    shards: usize,
+    unix_mode: u32,
+) -> Result<Vec<Vec<Listener>>, String> {
     let mut per_shard: Vec<Vec<Listener>> = (0..shards).map(|_| Vec::new()).collect();
     for addr in addrs {
         match addr {
             ListenAddr::Tcp(a) => {
+                // Port 0 asks the kernel for a port: bind once, then give
+                // every other shard that same port.
+                let first = tcp(*a)?;
+                let mut bound = *a;
+                if let Some(port) = local_port(&first) {
+                    bound.set_port(port);
+                }
+                let mut first = Some(first);
                 for l in per_shard.iter_mut() {
-                    l.push(tcp(*a)?);
+                    let listener = match first.take() {
+                        Some(f) => Listener {
+                            addr: ListenAddr::Tcp(bound),
+                            fd: f.fd,
+                        },
+                        None => tcp(bound)?,
+                    };
+                    l.push(listener);
                 }
             }
             ListenAddr::Unix(p) => {
@@ -172,14 +200,22 @@ mod tests {
             "127.0.0.1:2424".parse::<ListenAddr>(),
             Ok(ListenAddr::Tcp("127.0.0.1:2424".parse().unwrap()))
         );
-        assert!(matches!("[::1]:2424".parse::<ListenAddr>(), Ok(ListenAddr::Tcp(_))));
+        assert!(matches!(
+            "[::1]:2424".parse::<ListenAddr>(),
+            Ok(ListenAddr::Tcp(_))
+        ));
         assert_eq!(
             "unix:/run/x.sock".parse::<ListenAddr>(),
             Ok(ListenAddr::Unix("/run/x.sock".into()))
         );
         let e = "localhost:24".parse::<ListenAddr>().unwrap_err();
         assert!(e.contains("IP:PORT"), "{e}");
-        assert!("unix:".parse::<ListenAddr>().unwrap_err().contains("needs a path"));
+        assert!(
+            "unix:"
+                .parse::<ListenAddr>()
+                .unwrap_err()
+                .contains("needs a path")
+        );
     }
 
     #[test]
@@ -188,6 +224,18 @@ mod tests {
         let port = local_port(&first).unwrap();
         let second = tcp(format!("127.0.0.1:{port}").parse().unwrap()).unwrap();
         assert_eq!(local_port(&second), Some(port));
+    }
+
+    #[test]
+    fn port_zero_gives_every_shard_the_same_port() {
+        let shards = open_all(&["127.0.0.1:0".parse().unwrap()], 3, 0o600).unwrap();
+        let ports: Vec<u16> = shards.iter().map(|l| local_port(&l[0]).unwrap()).collect();
+        assert_ne!(ports[0], 0);
+        assert!(ports.iter().all(|p| *p == ports[0]), "{ports:?}");
+        assert_eq!(
+            shards[1][0].addr,
+            ListenAddr::Tcp(format!("127.0.0.1:{}", ports[0]).parse().unwrap())
+        );
     }
 
     #[test]
@@ -204,8 +252,16 @@ mod tests {
         // The file remains but nobody accepts: stale, replaced.
         let _l = unix(&path, 0o600).unwrap();
         std::fs::write(dir.join("plain"), b"x").unwrap();
-        assert!(unix(&dir.join("plain"), 0o600).unwrap_err().contains("not a socket"));
-        assert!(unix(&dir.join("no/such/dir.sock"), 0o600).unwrap_err().contains("does not exist"));
+        assert!(
+            unix(&dir.join("plain"), 0o600)
+                .unwrap_err()
+                .contains("not a socket")
+        );
+        assert!(
+            unix(&dir.join("no/such/dir.sock"), 0o600)
+                .unwrap_err()
+                .contains("does not exist")
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

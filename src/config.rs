@@ -1,0 +1,439 @@
+//! The server's configuration: a TOML file, command-line overrides, defaults
+//! that work on a laptop (`127.0.0.1:2424`, spool in `./spool`), and
+//! validation that names the key, the problem and the fix.
+//!
+//! Must not: open sockets or files other than the configuration file itself.
+//! Turning a valid `Config` into running parts is `server`'s job.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::io::listen::ListenAddr;
+use crate::proto::{BareLineEndings, Limits};
+use crate::spool::SpoolConfig;
+
+/// Which event loop the shards run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IoChoice {
+    /// io_uring where the kernel allows it, else epoll.
+    #[default]
+    Auto,
+    Uring,
+    Epoll,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerSection,
+    pub limits: LimitsSection,
+    pub protocol: ProtocolSection,
+    pub spool: SpoolSection,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    /// `IP:PORT` or `unix:/path`; several allowed.
+    pub listen: Vec<String>,
+    /// Name in the greeting and replies; empty: the machine's host name.
+    pub hostname: String,
+    /// Shard threads; 0: one per CPU this process may run on.
+    pub shards: usize,
+    /// CPUs to pin shard threads to, in order (empty: the first `shards`
+    /// CPUs this process may run on).
+    pub cpus: Vec<usize>,
+    pub io: IoChoice,
+    /// Open connections per server; more are answered `421` and closed.
+    pub connections_max: usize,
+    /// Bytes of message bodies a shard may hold before it stops reading from
+    /// sockets until commits return (TCP then pushes back on clients).
+    pub shard_inflight_bytes_max: u64,
+    /// Permissions of UNIX sockets, in octal.
+    pub unix_socket_mode: String,
+    /// After SIGTERM: how long transactions in flight may take to finish.
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    pub line_bytes_max: usize,
+    pub recipients_max: usize,
+    pub message_bytes_max: usize,
+    pub bad_commands_max: u32,
+    pub idle_timeout_secs: u64,
+    pub data_timeout_secs: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProtocolSection {
+    /// `normalize`, `accept` or `reject`.
+    pub bare_line_endings: String,
+    /// Characters that split `user+tag`; empty: no split.
+    pub detail_delimiters: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpoolSection {
+    pub dir: PathBuf,
+    pub writers: usize,
+    pub segment_bytes: u64,
+    pub batch_bytes_max: usize,
+    pub batch_messages_max: usize,
+    pub batch_delay_us_max: u64,
+    /// Cap on the spool's size in bytes; 0: only the disk limits it.
+    pub spool_bytes_max: u64,
+    /// Accept a spool on tmpfs (not durable; for tests only).
+    pub allow_tmpfs: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerSection::default(),
+            limits: LimitsSection::default(),
+            protocol: ProtocolSection::default(),
+            spool: SpoolSection::default(),
+        }
+    }
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: vec!["127.0.0.1:2424".into()],
+            hostname: String::new(),
+            shards: 0,
+            cpus: Vec::new(),
+            io: IoChoice::Auto,
+            connections_max: 20_000,
+            // 256 MiB: many 4-64 KiB messages per batch, bounded on a small box.
+            shard_inflight_bytes_max: 256 << 20,
+            unix_socket_mode: "0660".into(),
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        let l = Limits::default();
+        LimitsSection {
+            line_bytes_max: l.line_bytes_max,
+            recipients_max: l.recipients_max,
+            message_bytes_max: l.message_bytes_max,
+            bad_commands_max: l.bad_commands_max,
+            idle_timeout_secs: l.idle_timeout.as_secs(),
+            data_timeout_secs: l.data_timeout.as_secs(),
+        }
+    }
+}
+
+impl Default for ProtocolSection {
+    fn default() -> Self {
+        ProtocolSection {
+            bare_line_endings: "normalize".into(),
+            detail_delimiters: "+".into(),
+        }
+    }
+}
+
+impl Default for SpoolSection {
+    fn default() -> Self {
+        let s = SpoolConfig::new("spool");
+        SpoolSection {
+            dir: PathBuf::from("spool"),
+            writers: s.writers,
+            segment_bytes: s.segment_bytes,
+            batch_bytes_max: s.batch_bytes_max,
+            batch_messages_max: s.batch_messages_max,
+            batch_delay_us_max: s.batch_delay_us_max,
+            spool_bytes_max: 0,
+            allow_tmpfs: false,
+        }
+    }
+}
+
+/// A configuration value that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {problem}; {fix}")]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+fn bad(key: &str, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        problem: problem.into(),
+        fix: fix.into(),
+    }
+}
+
+/// Everything validated and converted, ready for the server.
+#[derive(Debug)]
+pub struct Checked {
+    pub listen: Vec<ListenAddr>,
+    pub limits: Limits,
+    pub bare_line_endings: BareLineEndings,
+    pub unix_socket_mode: u32,
+}
+
+impl Config {
+    /// Reads a TOML file; unknown keys are errors (a typo must not be silently
+    /// ignored).
+    pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            bad(
+                &path.display().to_string(),
+                format!("cannot read the configuration file: {e}"),
+                "check the path given to --config",
+            )
+        })?;
+        Config::from_toml(&text).map_err(|mut e| {
+            e.key = format!("{}: {}", path.display(), e.key);
+            e
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            bad(
+                "configuration",
+                e.to_string().trim_end().replace('\n', " "),
+                "see `lmtp-ingest serve --print-config` for every key and its default",
+            )
+        })
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a Config always serializes")
+    }
+
+    /// Checks every value and converts what needs converting.
+    pub fn check(&self) -> Result<Checked, ConfigError> {
+        if self.server.listen.is_empty() {
+            return Err(bad(
+                "server.listen",
+                "no address to listen on",
+                "give at least one, e.g. \"127.0.0.1:2424\" or \"unix:/run/lmtp-ingest/lmtp.sock\"",
+            ));
+        }
+        let listen = self
+            .server
+            .listen
+            .iter()
+            .map(|a| {
+                a.parse::<ListenAddr>()
+                    .map_err(|e| bad("server.listen", e, "fix the address"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.server.connections_max == 0 {
+            return Err(bad(
+                "server.connections_max",
+                "0 accepts nobody",
+                "set it to 1 or more (default 20000)",
+            ));
+        }
+        if self.server.shard_inflight_bytes_max < self.limits.message_bytes_max as u64 {
+            return Err(bad(
+                "server.shard_inflight_bytes_max",
+                format!(
+                    "{} is below limits.message_bytes_max ({}), so one large message could stall a shard",
+                    self.server.shard_inflight_bytes_max, self.limits.message_bytes_max
+                ),
+                "raise it to at least limits.message_bytes_max (default 268435456)",
+            ));
+        }
+        let unix_socket_mode =
+            u32::from_str_radix(self.server.unix_socket_mode.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o777)
+                .ok_or_else(|| {
+                    bad(
+                        "server.unix_socket_mode",
+                        format!(
+                            "'{}' is not an octal file mode",
+                            self.server.unix_socket_mode
+                        ),
+                        "write it like \"0660\"",
+                    )
+                })?;
+        let l = &self.limits;
+        let limits = Limits {
+            line_bytes_max: l.line_bytes_max,
+            recipients_max: l.recipients_max,
+            message_bytes_max: l.message_bytes_max,
+            bad_commands_max: l.bad_commands_max,
+            idle_timeout: Duration::from_secs(l.idle_timeout_secs),
+            data_timeout: Duration::from_secs(l.data_timeout_secs),
+        };
+        limits
+            .validate()
+            .map_err(|e| bad(&format!("limits.{}", e.key), e.problem, e.fix))?;
+        let bare_line_endings = match self.protocol.bare_line_endings.as_str() {
+            "normalize" => BareLineEndings::Normalize,
+            "accept" => BareLineEndings::Accept,
+            "reject" => BareLineEndings::Reject,
+            other => {
+                return Err(bad(
+                    "protocol.bare_line_endings",
+                    format!("'{other}' is not a policy"),
+                    "use \"normalize\" (default), \"accept\" or \"reject\"",
+                ));
+            }
+        };
+        if let Some(c) = self
+            .protocol
+            .detail_delimiters
+            .chars()
+            .find(|c| !c.is_ascii_punctuation() || matches!(c, '@' | '"' | '<' | '>'))
+        {
+            return Err(bad(
+                "protocol.detail_delimiters",
+                format!("'{c}' cannot separate a local part's detail"),
+                "use punctuation such as \"+\" or \"+-\"",
+            ));
+        }
+        let s = &self.spool;
+        if s.writers == 0 || s.writers > 64 {
+            return Err(bad(
+                "spool.writers",
+                format!("{} is out of range", s.writers),
+                "use 1 to 64 (default 1)",
+            ));
+        }
+        if s.batch_bytes_max == 0 || s.batch_messages_max == 0 {
+            return Err(bad(
+                "spool.batch_bytes_max/batch_messages_max",
+                "0 would never commit anything",
+                "use the defaults (4194304 and 1024) or other positive values",
+            ));
+        }
+        if s.batch_delay_us_max > 100_000 {
+            return Err(bad(
+                "spool.batch_delay_us_max",
+                format!("{} us holds every reply that long", s.batch_delay_us_max),
+                "keep it at most 100000 (100 ms); 0 (default) is adaptive group commit with no added delay",
+            ));
+        }
+        Ok(Checked {
+            listen,
+            limits,
+            bare_line_endings,
+            unix_socket_mode,
+        })
+    }
+
+    /// The spool settings for `Spool::open`.
+    pub fn spool_config(&self) -> SpoolConfig {
+        let s = &self.spool;
+        let mut c = SpoolConfig::new(&s.dir);
+        c.writers = s.writers;
+        c.segment_bytes = s.segment_bytes;
+        c.batch_bytes_max = s.batch_bytes_max;
+        c.batch_messages_max = s.batch_messages_max;
+        c.batch_delay_us_max = s.batch_delay_us_max;
+        c.spool_bytes_max = (s.spool_bytes_max > 0).then_some(s.spool_bytes_max);
+        c.allow_tmpfs = s.allow_tmpfs;
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip() {
+        let c = Config::default();
+        let checked = c.check().unwrap();
+        assert_eq!(checked.listen, vec!["127.0.0.1:2424".parse().unwrap()]);
+        assert_eq!(checked.unix_socket_mode, 0o660);
+        let text = c.to_toml();
+        assert_eq!(Config::from_toml(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn partial_file_keeps_defaults() {
+        let c = Config::from_toml(
+            "[server]\nlisten = [\"[::1]:2525\", \"unix:/tmp/x.sock\"]\nshards = 2\n\n[limits]\nrecipients_max = 200\n",
+        )
+        .unwrap();
+        assert_eq!(c.server.shards, 2);
+        assert_eq!(c.limits.recipients_max, 200);
+        assert_eq!(c.limits.line_bytes_max, 2048);
+        assert_eq!(c.check().unwrap().listen.len(), 2);
+    }
+
+    #[test]
+    fn errors_name_key_and_fix() {
+        let e = Config::from_toml("[server]\nlisten_on = [\"x\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown field") && e.contains("listen_on"),
+            "{e}"
+        );
+        let e = Config::from_toml("[limits]\nrecipients_max = \"many\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("recipients_max"), "{e}");
+        let mut c = Config::default();
+        c.server.listen = vec!["localhost:25".into()];
+        let e = c.check().unwrap_err().to_string();
+        assert!(
+            e.starts_with("server.listen:") && e.contains("IP:PORT"),
+            "{e}"
+        );
+        let mut c = Config::default();
+        c.limits.line_bytes_max = 10;
+        let e = c.check().unwrap_err().to_string();
+        assert!(
+            e.starts_with("limits.line_bytes_max:") && e.contains("512 or more"),
+            "{e}"
+        );
+        let mut c = Config::default();
+        c.protocol.bare_line_endings = "drop".into();
+        assert!(c.check().unwrap_err().to_string().contains("\"normalize\""));
+        let mut c = Config::default();
+        c.server.unix_socket_mode = "rw-rw----".into();
+        assert!(
+            c.check()
+                .unwrap_err()
+                .to_string()
+                .starts_with("server.unix_socket_mode")
+        );
+        let mut c = Config::default();
+        c.spool.writers = 0;
+        assert!(
+            c.check()
+                .unwrap_err()
+                .to_string()
+                .starts_with("spool.writers")
+        );
+        let mut c = Config::default();
+        c.server.shard_inflight_bytes_max = 1024;
+        assert!(
+            c.check()
+                .unwrap_err()
+                .to_string()
+                .contains("message_bytes_max")
+        );
+        let mut c = Config::default();
+        c.protocol.detail_delimiters = "+@".into();
+        assert!(
+            c.check()
+                .unwrap_err()
+                .to_string()
+                .starts_with("protocol.detail_delimiters")
+        );
+    }
+}

@@ -1,0 +1,220 @@
+//! `serve`: turns a checked configuration into a running server and stops it
+//! cleanly.
+//!
+//! Start-up order: signals blocked (so only the main thread takes them), spool
+//! opened (lock, recovery), listeners bound, shard threads started and
+//! pinned, banner logged. Shutdown (SIGTERM/SIGINT): shards stop accepting,
+//! let transactions in flight finish (bounded by `shutdown_grace_secs`), then
+//! the spool commits what it holds and its writers stop. Exit status 0.
+//!
+//! Must not: touch sessions or sockets itself; that is the shards' job.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::config::{Config, IoChoice};
+use crate::io::core::ShardCore;
+use crate::io::epoll::{self, ShardParams, Waker};
+use crate::io::listen;
+use crate::proto::SessionConfig;
+use crate::spool::Spool;
+
+/// The machine's host name, for the greeting when none is configured.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// CPUs this process may run on, in order.
+fn allowed_cpus() -> Vec<usize> {
+    core_affinity::get_core_ids()
+        .map(|ids| ids.into_iter().map(|c| c.id).collect())
+        .unwrap_or_default()
+}
+
+/// Which backend runs, and why (for the banner).
+fn choose_backend(choice: IoChoice) -> Result<(&'static str, String), String> {
+    match choice {
+        IoChoice::Epoll => Ok(("epoll", "forced with --io epoll".into())),
+        IoChoice::Auto => Ok((
+            "epoll",
+            "io_uring backend not built yet in this version; epoll is the portable backend".into(),
+        )),
+        IoChoice::Uring => Err(
+            "--io uring: the io_uring backend is not built yet in this version; use --io auto or --io epoll"
+                .into(),
+        ),
+    }
+}
+
+/// Blocks the signals the server handles in the calling thread and in every
+/// thread it starts afterwards; they are then taken with `sigwait`.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it, and
+    // pthread_sigmask only reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` was initialised by block_signals; `sig` is a live local.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
+
+pub fn run(config: Config) -> Result<(), String> {
+    let checked = config.check().map_err(|e| e.to_string())?;
+    let (backend, why) = choose_backend(config.server.io)?;
+    let sigset = block_signals();
+
+    let hostname = if config.server.hostname.is_empty() {
+        host_name()
+    } else {
+        config.server.hostname.clone()
+    };
+    let mut session_cfg = SessionConfig::new(hostname.clone());
+    session_cfg.limits = checked.limits.clone();
+    session_cfg.bare_line_endings = checked.bare_line_endings;
+    session_cfg.detail_delimiters = config.protocol.detail_delimiters.clone();
+    let session_cfg = Arc::new(session_cfg);
+
+    let cpus_allowed = allowed_cpus();
+    let cpus: Vec<usize> = if config.server.cpus.is_empty() {
+        let n = if config.server.shards == 0 {
+            cpus_allowed.len().max(1)
+        } else {
+            config.server.shards
+        };
+        (0..n)
+            .map(|i| {
+                cpus_allowed
+                    .get(i % cpus_allowed.len().max(1))
+                    .copied()
+                    .unwrap_or(i)
+            })
+            .collect()
+    } else {
+        if let Some(c) = config
+            .server
+            .cpus
+            .iter()
+            .find(|c| !cpus_allowed.contains(c))
+        {
+            return Err(format!(
+                "server.cpus: CPU {c} is not available to this process (allowed: {cpus_allowed:?}); pick from those"
+            ));
+        }
+        if config.server.shards != 0 && config.server.shards != config.server.cpus.len() {
+            return Err(format!(
+                "server.shards = {} but server.cpus lists {} CPUs; give one CPU per shard or leave shards at 0",
+                config.server.shards,
+                config.server.cpus.len()
+            ));
+        }
+        config.server.cpus.clone()
+    };
+    let shards = cpus.len();
+
+    let spool_started = Instant::now();
+    let (spool, report) = Spool::open(config.spool_config()).map_err(|e| e.to_string())?;
+    tracing::info!(
+        dir = %config.spool.dir.display(),
+        took_ms = spool_started.elapsed().as_millis() as u64,
+        "spool open: {report}"
+    );
+    let listeners = listen::open_all(&checked.listen, shards, checked.unix_socket_mode)?;
+    // The addresses as bound (a port 0 resolved), for the banner.
+    let bound: Vec<listen::ListenAddr> = listeners
+        .first()
+        .map(|l| l.iter().map(|l| l.addr.clone()).collect())
+        .unwrap_or_default();
+
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let connections_max = config.server.connections_max.div_ceil(shards);
+    let mut handles = Vec::new();
+    let mut wakers = Vec::new();
+    for (shard_id, (cpu, listeners)) in cpus.iter().copied().zip(listeners).enumerate() {
+        let waker = Waker::new().map_err(|e| format!("eventfd for shard {shard_id}: {e}"))?;
+        wakers.push(waker.clone());
+        let w = waker.clone();
+        let producer = spool.producer(Some(Arc::new(move || w.wake())));
+        let core = ShardCore::new(
+            session_cfg.clone(),
+            producer,
+            shard_id as u16,
+            config.server.shard_inflight_bytes_max as usize,
+        );
+        let params = ShardParams {
+            shard_id,
+            listeners,
+            waker,
+            shutdown: shutdown.clone(),
+            shutdown_grace: Duration::from_secs(config.server.shutdown_grace_secs),
+            connections_max,
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("shard-{shard_id}"))
+            .spawn(move || {
+                if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+                    tracing::warn!(
+                        shard = shard_id,
+                        cpu,
+                        "could not pin to the CPU; running unpinned"
+                    );
+                }
+                if let Err(e) = epoll::run_shard(core, params) {
+                    tracing::error!(shard = shard_id, "shard stopped: {e}");
+                }
+            })
+            .map_err(|e| format!("starting shard thread {shard_id}: {e}"))?;
+        handles.push(handle);
+    }
+    let addrs: Vec<String> = bound.iter().map(ToString::to_string).collect();
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        backend,
+        why = %why,
+        shards,
+        cpus = ?cpus,
+        writers = config.spool.writers,
+        hostname = %hostname,
+        listen = ?addrs,
+        "lmtp-ingest ready"
+    );
+
+    loop {
+        match wait_signal(&sigset) {
+            libc::SIGHUP => tracing::info!("SIGHUP: nothing to reload in this version"),
+            sig => {
+                tracing::info!(
+                    signal = sig,
+                    "shutting down: no new connections, finishing transactions in flight"
+                );
+                break;
+            }
+        }
+    }
+    shutdown.store(true, Ordering::Release);
+    for w in &wakers {
+        w.wake();
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    let stats = spool.stats();
+    spool.shutdown();
+    tracing::info!("stopped; spool: {stats:?}");
+    Ok(())
+}
