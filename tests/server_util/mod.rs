@@ -1,0 +1,203 @@
+//! Starts the real `lmtp-ingest serve` binary for socket tests: its own spool
+//! under target/ (a real disk), port 0 on loopback (the bound port is read from
+//! the start-up banner), a UNIX socket beside the spool, and a kill on drop so
+//! no test leaves a server behind.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_lmtp-ingest");
+
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+    pub dir: PathBuf,
+    pub spool: PathBuf,
+    pub socket: PathBuf,
+    /// Everything the server logged so far (filled by a reader thread).
+    log: mpsc::Receiver<String>,
+    pub log_lines: Vec<String>,
+}
+
+/// A fresh directory under target/ for one test.
+pub fn test_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("server-tests")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+impl Server {
+    /// Starts a server with the given extra flags; waits for its banner.
+    pub fn start(name: &str, io: &str, extra: &[&str]) -> Server {
+        Server::start_in(&test_dir(name), io, extra)
+    }
+
+    /// Starts a server on an existing directory (its spool is reused).
+    pub fn start_in(dir: &Path, io: &str, extra: &[&str]) -> Server {
+        let spool = dir.join("spool");
+        let socket = dir.join("lmtp.sock");
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()))
+            .arg("--spool")
+            .arg(&spool)
+            .args(["--io", io, "--hostname", "mx.test"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start lmtp-ingest");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut server = Server {
+            child,
+            port: 0,
+            dir: dir.to_owned(),
+            spool,
+            socket,
+            log: rx,
+            log_lines: Vec::new(),
+        };
+        let banner = server
+            .wait_log("lmtp-ingest ready", Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("server did not start: {:#?}", server.log_lines));
+        let at = banner
+            .find("127.0.0.1:")
+            .expect("banner names the TCP address")
+            + 10;
+        let digits: String = banner[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        server.port = digits.parse().unwrap();
+        server
+    }
+
+    /// Waits until a log line contains `needle`; returns it.
+    pub fn wait_log(&mut self, needle: &str, timeout: Duration) -> Option<String> {
+        if let Some(l) = self.log_lines.iter().find(|l| l.contains(needle)) {
+            return Some(l.clone());
+        }
+        let deadline = Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.log.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = line.contains(needle);
+                    self.log_lines.push(line.clone());
+                    if hit {
+                        return Some(line);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// SIGTERM, then waits (bounded) for a clean exit; returns the status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(l) = self.log.try_recv() {
+                    self.log_lines.push(l);
+                }
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `lmtp-ingest spool ARGS --spool DIR`; returns (status, stdout).
+pub fn spool_cmd(spool: &Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN)
+        .arg("spool")
+        .args(args)
+        .arg("--spool")
+        .arg(spool)
+        .output()
+        .expect("run lmtp-ingest spool");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// `spool verify --json`, parsed.
+pub fn verify(spool: &Path) -> serde_json::Value {
+    let (code, out) = spool_cmd(spool, &["verify", "--json"]);
+    assert_eq!(code, 0, "spool verify failed: {out}");
+    serde_json::from_str(&out).expect("verify --json prints JSON")
+}
+
+/// Runs a Python script from tests/python with arguments; panics with its
+/// output unless it exits 0. Returns stdout.
+pub fn python(script: &str, args: &[&str]) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    let out = Command::new("python3")
+        .arg(&path)
+        .args(args)
+        .output()
+        .expect("python3 is installed (.ci/run installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed:\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Both backends, or the one named in LMTP_TEST_IO.
+pub fn backends() -> Vec<&'static str> {
+    match std::env::var("LMTP_TEST_IO").as_deref() {
+        Ok("epoll") => vec!["epoll"],
+        Ok("auto") => vec!["auto"],
+        _ => vec!["epoll", "auto"],
+    }
+}
