@@ -25,7 +25,7 @@ pub enum IoChoice {
     Epoll,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerSection,
@@ -91,17 +91,6 @@ pub struct SpoolSection {
     pub spool_bytes_max: u64,
     /// Accept a spool on tmpfs (not durable; for tests only).
     pub allow_tmpfs: bool,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerSection::default(),
-            limits: LimitsSection::default(),
-            protocol: ProtocolSection::default(),
-            spool: SpoolSection::default(),
-        }
-    }
 }
 
 impl Default for ServerSection {
