@@ -233,15 +233,15 @@ fn rejections_return_the_message_and_shutdown_answers_everything() {
 }
 
 #[test]
-fn adaptive_delay_batches_concurrent_producers_and_not_a_lone_one() {
+fn adaptive_delay_does_not_hold_back_a_lone_producer() {
     let dir = spool_dir("delay");
     let mut cfg = config(&dir);
-    cfg.batch_delay_us_max = 2000;
+    // 50 ms: a lone producer delayed even once per commit would take >= 1 s.
+    cfg.batch_delay_us_max = 50_000;
     let (spool, _) = Spool::open(cfg).unwrap();
-    // A lone producer waiting on each outcome must not be delayed 2 ms each.
     let mut p = spool.producer(None);
     let t = std::time::Instant::now();
-    for n in 0..50 {
+    for n in 0..20 {
         assert!(matches!(
             p.commit(message(5, 0, n, 100)),
             CommitOutcome::Committed(_)
@@ -249,8 +249,8 @@ fn adaptive_delay_batches_concurrent_producers_and_not_a_lone_one() {
     }
     let lone = t.elapsed();
     assert!(
-        lone < Duration::from_millis(50 * 2),
-        "lone producer was delayed: {lone:?} for 50 commits"
+        lone < Duration::from_millis(500),
+        "lone producer was delayed: {lone:?} for 20 commits"
     );
     spool.shutdown();
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use lmtp_ingest::envelope::{CommitOutcome, QueueId};
+use lmtp_ingest::spool::follow::{Follower, Start};
 use lmtp_ingest::spool::fs::{FaultOp, FaultyStorage};
 use lmtp_ingest::spool::{Spool, reader};
 use spool_util::{config, message, spool_dir};
@@ -99,8 +100,19 @@ fn write_error_sync_error_and_enospc_each_fail_the_batch_and_move_on() {
 
     let (spool, report) = Spool::open(cfg).unwrap();
     drop(spool);
-    assert!(report.records >= committed.len() as u64, "{report}");
+    assert_eq!(report.records, committed.len() as u64, "{report}");
     check_committed(&dir, &storage, &committed);
+    // What failed was zeroed where it had been written: a follower sees
+    // exactly the committed messages.
+    let mut f = Follower::open(&dir, "audit", Start::Beginning).unwrap();
+    let seen: Vec<QueueId> = f
+        .poll(usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|r| r.header.queue_id)
+        .collect();
+    let want: Vec<QueueId> = committed.iter().map(|(id, _)| *id).collect();
+    assert_eq!(seen, want);
 }
 
 #[test]

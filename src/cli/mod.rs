@@ -25,7 +25,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Inspect, verify and export a spool.
+    /// Inspect, verify, export and follow a spool.
     Spool(spool::SpoolArgs),
 }
 

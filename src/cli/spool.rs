@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand};
 use lmtp_ingest::envelope::{QueueId, ReversePath};
 use lmtp_ingest::spool::export::{Exporter, Format};
+use lmtp_ingest::spool::follow::{Follower, Start};
 use lmtp_ingest::spool::reader::{self, StoredRecord};
 use lmtp_ingest::spool::timefmt;
 
@@ -55,6 +56,36 @@ enum SpoolCommand {
         #[arg(long = "id", value_name = "ID")]
         ids: Vec<String>,
     },
+    /// Stream committed messages for a named consumer, from its saved
+    /// position, saving it as it goes (resumes after a restart).
+    Follow(FollowArgs),
+}
+
+#[derive(Args, Debug)]
+struct FollowArgs {
+    /// The consumer's name (registered on first use; retention keeps what it
+    /// has not read).
+    #[arg(long, value_name = "NAME")]
+    consumer: String,
+    /// Where a new consumer starts.
+    #[arg(long, value_enum, default_value = "beginning")]
+    from: Start,
+    /// Run this shell command for each message (message on stdin; envelope
+    /// in LMTP_QUEUE_ID, LMTP_SENDER, LMTP_RECIPIENTS, LMTP_RECEIVED_AT). The
+    /// position is saved after it exits 0; a failure stops follow (exit 1)
+    /// and the message is offered again next time. Without it, one JSON line
+    /// per message goes to stdout.
+    #[arg(long, value_name = "CMD")]
+    exec: Option<String>,
+    /// Exit once caught up instead of waiting for more.
+    #[arg(long)]
+    exit_when_idle: bool,
+    /// Exit after this many messages.
+    #[arg(long, value_name = "N")]
+    limit: Option<u64>,
+    /// How often to look for new commits when caught up.
+    #[arg(long, value_name = "MS", default_value_t = 50)]
+    poll_ms: u64,
 }
 
 pub fn run(args: SpoolArgs) -> Result<Outcome, String> {
@@ -70,6 +101,7 @@ pub fn run(args: SpoolArgs) -> Result<Outcome, String> {
         SpoolCommand::Show { id } => show(dir, &id),
         SpoolCommand::Verify { json } => verify(dir, json),
         SpoolCommand::Export { format, to, ids } => export(dir, format, &to, &ids),
+        SpoolCommand::Follow(f) => follow(dir, &f),
     }
 }
 
@@ -332,4 +364,127 @@ fn export(dir: &Path, format: Format, to: &Path, ids: &[String]) -> Result<Outco
         s.skipped
     );
     Ok(Outcome::Ok)
+}
+
+/// Standard base64 (RFC 4648 section 4) with padding.
+fn base64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        s.push(A[(n >> 18) as usize & 63] as char);
+        s.push(A[(n >> 12) as usize & 63] as char);
+        s.push(if c.len() > 1 {
+            A[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        s.push(if c.len() > 2 {
+            A[n as usize & 63] as char
+        } else {
+            '='
+        });
+    }
+    s
+}
+
+#[derive(serde::Serialize)]
+struct FollowLine<'a> {
+    id: String,
+    received_at: String,
+    sender: String,
+    recipients: Vec<String>,
+    client: &'a str,
+    lhlo: &'a str,
+    transaction: String,
+    size: usize,
+    body_base64: String,
+}
+
+fn follow(dir: &Path, args: &FollowArgs) -> Result<Outcome, String> {
+    let mut f = Follower::open(dir, &args.consumer, args.from)
+        .map_err(|e| format!("consumer {}: {e}", args.consumer))?;
+    let stdout = std::io::stdout();
+    let mut count = 0u64;
+    let limit = args.limit.unwrap_or(u64::MAX);
+    while count < limit {
+        let want = (limit - count).min(if args.exec.is_some() { 1 } else { 256 }) as usize;
+        let batch = f
+            .poll(want)
+            .map_err(|e| format!("reading {}: {e}", dir.display()))?;
+        if batch.is_empty() {
+            if args.exit_when_idle {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(args.poll_ms));
+            continue;
+        }
+        for r in &batch {
+            match &args.exec {
+                Some(cmd) => {
+                    if !run_exec(cmd, r)? {
+                        // Not processed: leave its position unsaved.
+                        eprintln!(
+                            "lmtp-ingest: '{cmd}' failed for {}; stopping, it is offered again next time",
+                            r.header.queue_id
+                        );
+                        return Ok(Outcome::Problem);
+                    }
+                }
+                None => {
+                    let e = &r.envelope;
+                    let line = FollowLine {
+                        id: r.header.queue_id.to_string(),
+                        received_at: timefmt::rfc3339_us(r.header.received_at_us),
+                        sender: sender(&e.reverse_path),
+                        recipients: e.recipients.iter().map(|x| x.mailbox.address()).collect(),
+                        client: &e.client.peer,
+                        lhlo: &e.client.lhlo,
+                        transaction: e.transaction.to_string(),
+                        size: r.body.len(),
+                        body_base64: base64(&r.body),
+                    };
+                    let mut out = stdout.lock();
+                    serde_json::to_writer(&mut out, &line).map_err(|e| e.to_string())?;
+                    out.write_all(b"\n").map_err(out_err)?;
+                }
+            }
+        }
+        stdout.lock().flush().map_err(out_err)?;
+        count += batch.len() as u64;
+        // After the output is flushed (or, with --exec, after the one message
+        // of this poll was processed): at-least-once.
+        f.save()
+            .map_err(|e| format!("saving consumer {}: {e}", args.consumer))?;
+    }
+    Ok(Outcome::Ok)
+}
+
+/// Runs `cmd` for one message; true when it exited 0.
+fn run_exec(cmd: &str, r: &StoredRecord) -> Result<bool, String> {
+    let e = &r.envelope;
+    let rcpts: Vec<String> = e.recipients.iter().map(|x| x.mailbox.address()).collect();
+    let mut child = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("LMTP_QUEUE_ID", r.header.queue_id.to_string())
+        .env("LMTP_SENDER", sender(&e.reverse_path))
+        .env("LMTP_RECIPIENTS", rcpts.join(" "))
+        .env(
+            "LMTP_RECEIVED_AT",
+            timefmt::rfc3339_us(r.header.received_at_us),
+        )
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|err| format!("running '{cmd}': {err}"))?;
+    let mut stdin = child.stdin.take().expect("piped");
+    // A command that does not read its input is not an error of ours.
+    let _ = stdin.write_all(&r.body);
+    drop(stdin);
+    let status = child
+        .wait()
+        .map_err(|err| format!("waiting for '{cmd}': {err}"))?;
+    Ok(status.success())
 }

@@ -29,14 +29,17 @@
 //! Unique because (writer, sequence) is; sortable by time as text.
 
 pub mod export;
+pub mod follow;
 pub mod fs;
 pub mod lock;
 pub mod reader;
 pub mod record;
 pub mod recover;
+pub mod retention;
 pub mod segment;
 pub mod stats;
 pub mod timefmt;
+pub mod watermark;
 mod writer;
 
 use std::collections::VecDeque;
@@ -126,6 +129,13 @@ impl SpoolConfig {
         }
         if self.queue_depth_max == 0 || self.producer_inflight_max == 0 {
             return bad("queue_depth_max and producer_inflight_max must be at least 1");
+        }
+        if self
+            .retention_age_max
+            .is_some_and(|a| a < Duration::from_secs(1))
+        {
+            // Shorter than a batch could take to write and sync.
+            return bad("retention_age_max must be at least 1 second");
         }
         Ok(())
     }
@@ -240,6 +250,8 @@ pub(crate) struct Shared {
     pub spool_bytes: AtomicU64,
     /// Per writer: refusing work until space returns.
     pub full: Vec<AtomicBool>,
+    /// Segments removed by retention so far.
+    pub retention_removed: AtomicU64,
     maintenance_stop: (Mutex<bool>, Condvar),
 }
 
@@ -290,6 +302,7 @@ impl Spool {
                 .map(|_| AtomicBool::new(false))
                 .collect(),
             spool_bytes: AtomicU64::new(recovered.spool_bytes),
+            retention_removed: AtomicU64::new(0),
             config,
             senders,
             closed: RwLock::new(false),
@@ -356,7 +369,10 @@ impl Spool {
 
     /// Counters of every writer so far.
     pub fn stats(&self) -> SpoolStats {
-        SpoolStats::collect(&self.shared.stats)
+        let mut s = SpoolStats::collect(&self.shared.stats);
+        s.segments_removed = self.shared.retention_removed.load(Ordering::Relaxed);
+        s.spool_bytes = self.shared.spool_bytes.load(Ordering::Relaxed);
+        s
     }
 
     /// Stops taking submissions, commits everything already queued, and joins
@@ -419,11 +435,26 @@ fn maintenance_loop(shared: &Shared) {
     }
 }
 
-/// Periodic work off the hot path: clear the storage-full flags once there is
+/// Periodic work off the hot path: retention, then clear the storage-full
+/// flags once there is
 /// room for a new segment again, so sessions that check
 /// [`Spool::is_storage_full`] before taking data resume. (A full writer also
 /// tries again by itself when a batch comes, at most once per interval.)
 fn run_maintenance(shared: &Shared) {
+    let cfg = &shared.config;
+    // A failed pass (an unreadable consumer file, say) removes nothing and
+    // is tried again next interval.
+    if let Ok(rep) = retention::run(
+        &cfg.dir,
+        cfg.storage.as_ref(),
+        cfg.retention_age_max,
+        SystemTime::now(),
+    ) {
+        shared.spool_bytes.fetch_sub(rep.bytes, Ordering::Relaxed);
+        shared
+            .retention_removed
+            .fetch_add(rep.removed.len() as u64, Ordering::Relaxed);
+    }
     if shared.full.iter().any(|f| f.load(Ordering::Relaxed)) && has_room(shared) {
         for f in &shared.full {
             f.store(false, Ordering::Relaxed);

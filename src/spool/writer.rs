@@ -29,6 +29,7 @@ use super::record;
 use super::recover::{self, StreamEnd};
 use super::segment::{self, OpenSegment, SEGMENT_HEADER_LEN, SegmentId};
 use super::stats::WriterStats;
+use super::watermark::{Watermark, WatermarkFile};
 use super::{Job, Shared, SpoolError, WriterMsg, queue_id_from_parts};
 use crate::envelope::CommitOutcome;
 
@@ -64,6 +65,7 @@ pub(crate) struct Writer {
     last_submitted: Option<Instant>,
     /// Messages found waiting when the previous batch was gathered.
     previous_batch_len: usize,
+    watermark: Option<WatermarkFile>,
 }
 
 impl Writer {
@@ -90,6 +92,9 @@ impl Writer {
                 });
             }
         }
+        // Recovery has already published the stream's recovered end.
+        let watermark = WatermarkFile::open(&shared.config.dir, id)
+            .map_err(|e| SpoolError::io("open the committed watermark file", e))?;
         Ok(Writer {
             id,
             stats: shared.stats[id as usize].clone(),
@@ -104,6 +109,7 @@ impl Writer {
             gap_ewma_ns: u64::MAX / 2,
             last_submitted: None,
             previous_batch_len: 0,
+            watermark: Some(watermark),
         })
     }
 
@@ -229,23 +235,67 @@ impl Writer {
 
     /// Encodes, writes and syncs the batch. On `Ok`, `outcomes` holds
     /// `Committed` for every record written (or `Failed` for a message that
-    /// cannot be a record). On `Err`, the segment has been abandoned.
+    /// cannot be a record) and the watermark moved. On `Err`, the segments
+    /// touched are abandoned and what this batch wrote into them is zeroed,
+    /// best effort, so that no reader sees its records.
     fn write_batch(
         &mut self,
         batch: &[Job],
         outcomes: &mut [Option<CommitOutcome>],
     ) -> Result<(), Fail> {
-        let mut seg = match self.segment.take() {
+        let first = match self.segment.take() {
             Some(s) => s,
             None => self.new_segment(0)?,
         };
+        let start = first.write_offset;
+        // Each segment this batch writes into, with where the batch began in it.
+        let mut segs = vec![(first, start)];
+        match self.write_into(&mut segs, batch, outcomes) {
+            Ok(()) => {
+                let (seg, _) = segs.pop().expect("at least one segment");
+                let w = Watermark {
+                    segment: seg.id.index,
+                    offset: seg.write_offset,
+                };
+                // Only informs live followers (see watermark.rs); a failure
+                // makes them lag, it loses nothing.
+                if let Some(f) = &self.watermark
+                    && f.publish(w).is_err()
+                {
+                    self.stats.add(&self.stats.watermark_errors, 1);
+                }
+                self.segment = Some(seg);
+                Ok(())
+            }
+            Err(fail) => {
+                for (seg, from) in &mut segs {
+                    let mut at = *from;
+                    let zeros = [0u8; 64 << 10];
+                    while at < seg.write_offset {
+                        let n = (seg.write_offset - at).min(zeros.len() as u64) as usize;
+                        if seg.file.write_all_at(&zeros[..n], at).is_err() {
+                            break;
+                        }
+                        at += n as u64;
+                    }
+                }
+                Err(fail)
+            }
+        }
+    }
+
+    fn write_into(
+        &mut self,
+        segs: &mut Vec<(OpenSegment, u64)>,
+        batch: &[Job],
+        outcomes: &mut [Option<CommitOutcome>],
+    ) -> Result<(), Fail> {
         let now_ms = segment::unix_ms(SystemTime::now());
         let ms = now_ms.max(self.last_ms);
         self.last_ms = ms;
         self.buf.clear();
-        // File offset of buf[0] in `seg`.
-        let mut base = seg.write_offset;
-        let mut rotated: Vec<OpenSegment> = Vec::new();
+        // File offset of buf[0] in the last segment of `segs`.
+        let mut base = segs.last().expect("one segment").0.write_offset;
         let mut records = 0u64;
         for (job, slot) in batch.iter().zip(outcomes.iter_mut()) {
             let start = self.buf.len();
@@ -262,43 +312,44 @@ impl Writer {
                         continue;
                     }
                 };
-            if base + self.buf.len() as u64 > seg.capacity {
+            let capacity = segs.last().expect("one segment").0.capacity;
+            if base + self.buf.len() as u64 > capacity {
                 // This record does not fit: write what precedes it, seal the
                 // segment (synced below, before any outcome), start another.
                 if start > 0 {
+                    let seg = &mut segs.last_mut().expect("one segment").0;
+                    seg.write_offset = base + start as u64;
                     seg.file
                         .write_all_at(&self.buf[..start], base)
                         .map_err(|e| classify(&e))?;
-                    seg.write_offset = base + start as u64;
                 }
                 let fresh = self.new_segment(SEGMENT_HEADER_LEN + len as u64)?;
-                rotated.push(std::mem::replace(&mut seg, fresh));
+                base = fresh.write_offset;
+                segs.push((fresh, base));
                 self.buf.drain(..start);
-                base = seg.write_offset;
             }
-            debug_assert!(base + self.buf.len() as u64 <= seg.capacity);
             *slot = Some(CommitOutcome::Committed(id));
             self.next_seq += 1;
             records += 1;
         }
-        if records == 0 && rotated.is_empty() {
-            self.segment = Some(seg);
+        if records == 0 {
             return Ok(());
         }
+        let seg = &mut segs.last_mut().expect("one segment").0;
+        assert!(base + self.buf.len() as u64 <= seg.capacity);
         if !self.buf.is_empty() {
+            seg.write_offset = base + self.buf.len() as u64;
             seg.file
                 .write_all_at(&self.buf, base)
                 .map_err(|e| classify(&e))?;
         }
-        for s in rotated.iter_mut().chain(std::iter::once(&mut seg)) {
+        for (s, _) in segs.iter_mut() {
             let t = Instant::now();
             s.file.sync_data().map_err(|e| classify(&e))?;
             self.stats.record_fsync(t.elapsed().as_nanos() as u64);
         }
-        seg.write_offset = base + self.buf.len() as u64;
         self.stats
             .add(&self.stats.bytes_written, self.buf.len() as u64);
-        self.segment = Some(seg);
         Ok(())
     }
 
