@@ -39,6 +39,9 @@ fn write_error_sync_error_and_enospc_each_fail_the_batch_and_move_on() {
     let storage = FaultyStorage::new();
     let mut cfg = config(&dir);
     cfg.storage = Arc::new(storage.clone());
+    // Each fault must hit the batch it is aimed at, not a helper thread
+    // zero-filling the next segment.
+    cfg.segment_prepare_ahead = false;
     let (spool, _) = Spool::open(cfg.clone()).unwrap();
     let mut p = spool.producer(None);
     let mut committed = Vec::new();

@@ -87,6 +87,10 @@ pub struct SpoolConfig {
     pub retention_age_max: Option<Duration>,
     /// How often a full spool looks again for space, and retention runs.
     pub maintenance_interval: Duration,
+    /// Prepare each writer's next segment on a helper thread ahead of need
+    /// (costs one segment of disk per writer). Off: made when needed, inside
+    /// the batch that needs it.
+    pub segment_prepare_ahead: bool,
     /// Accept a spool on tmpfs/ramfs (not durable: tests only).
     pub allow_tmpfs: bool,
     /// The file operations (tests inject faults here).
@@ -111,6 +115,7 @@ impl SpoolConfig {
             spool_bytes_max: None,
             retention_age_max: None,
             maintenance_interval: Duration::from_secs(1),
+            segment_prepare_ahead: true,
             allow_tmpfs: false,
             storage: Arc::new(fs::RealStorage),
         }

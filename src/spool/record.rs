@@ -492,6 +492,12 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn crc32c_is_castagnoli_as_documented() {
+        // The check value docs/SPOOL-FORMAT.md gives readers.
+        assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);
+    }
+
+    #[test]
     fn zeros_are_the_end_and_garbage_is_invalid() {
         assert!(matches!(parse(&[0u8; 64]), Parsed::End));
         assert!(matches!(parse(&[]), Parsed::End));

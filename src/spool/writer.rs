@@ -21,13 +21,14 @@
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, TryRecvError};
 
 use super::record;
 use super::recover::{self, StreamEnd};
-use super::segment::{self, OpenSegment, SEGMENT_HEADER_LEN, SegmentId};
+use super::segment::{self, OpenSegment, PreparedSegment, SEGMENT_HEADER_LEN, SegmentId};
 use super::stats::WriterStats;
 use super::watermark::{Watermark, WatermarkFile};
 use super::{Job, Shared, SpoolError, WriterMsg, queue_id_from_parts};
@@ -66,6 +67,8 @@ pub(crate) struct Writer {
     /// Messages found waiting when the previous batch was gathered.
     previous_batch_len: usize,
     watermark: Option<WatermarkFile>,
+    /// The next segment, being prepared on a helper thread (its capacity).
+    spare: Option<(u64, JoinHandle<io::Result<PreparedSegment>>)>,
 }
 
 impl Writer {
@@ -110,6 +113,7 @@ impl Writer {
             last_submitted: None,
             previous_batch_len: 0,
             watermark: Some(watermark),
+            spare: None,
         })
     }
 
@@ -178,6 +182,11 @@ impl Writer {
             self.previous_batch_len = batch.len();
             self.commit(&mut batch);
         }
+        // A spare that will not be used: leave no `.prep` file behind.
+        if let Some(p) = self.take_spare() {
+            self.unreserve(p.capacity);
+            segment::discard_segment(self.shared.config.storage.as_ref(), p);
+        }
     }
 
     /// Writes and syncs `batch`, then delivers every outcome.
@@ -198,6 +207,7 @@ impl Writer {
             Ok(()) => {
                 self.full_retry_at = None;
                 flag.store(false, Ordering::Relaxed);
+                self.prepare_spare();
             }
             Err(Fail::Full) => {
                 if !refusing {
@@ -353,26 +363,92 @@ impl Writer {
         Ok(())
     }
 
-    /// Creates the next segment of this stream, at least `min_bytes` large.
-    fn new_segment(&mut self, min_bytes: u64) -> Result<OpenSegment, Fail> {
-        let cfg = &self.shared.config;
-        let capacity = cfg.segment_bytes.max(min_bytes.div_ceil(4096) * 4096);
-        if let Some(cap) = cfg.spool_bytes_max {
+    /// Takes the next index for a segment of `capacity` bytes and counts it
+    /// against the size cap.
+    fn reserve(&mut self, capacity: u64) -> Result<SegmentId, Fail> {
+        if let Some(cap) = self.shared.config.spool_bytes_max {
             let used = self.shared.spool_bytes.load(Ordering::Relaxed);
             if cap.saturating_sub(used) < capacity {
                 return Err(Fail::Full);
             }
         }
+        self.shared
+            .spool_bytes
+            .fetch_add(capacity, Ordering::Relaxed);
         let id = SegmentId {
             writer: self.id,
             index: self.next_index,
         };
         self.next_index += 1;
-        let seg = segment::create_segment(cfg.storage.as_ref(), &cfg.dir, id, capacity)
-            .map_err(|e| classify(&e))?;
+        Ok(id)
+    }
+
+    fn unreserve(&self, capacity: u64) {
         self.shared
             .spool_bytes
-            .fetch_add(capacity, Ordering::Relaxed);
+            .fetch_sub(capacity, Ordering::Relaxed);
+    }
+
+    /// Starts preparing the next segment on a helper thread, so a rotation
+    /// costs a rename and a directory fsync instead of writing a whole
+    /// segment of zeros in the middle of a batch.
+    fn prepare_spare(&mut self) {
+        if !self.shared.config.segment_prepare_ahead || self.spare.is_some() {
+            return;
+        }
+        let capacity = self.shared.config.segment_bytes;
+        let Ok(id) = self.reserve(capacity) else {
+            return; // at the size cap: no spare
+        };
+        let storage = self.shared.config.storage.clone();
+        let dir = self.shared.config.dir.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("spool-prep-{}", self.id))
+            .spawn(move || segment::prepare_segment(storage.as_ref(), &dir, id, capacity));
+        match spawned {
+            Ok(h) => self.spare = Some((capacity, h)),
+            Err(_) => self.unreserve(capacity),
+        }
+    }
+
+    /// Waits for the spare (if any) and returns it, or `None` if it failed.
+    fn take_spare(&mut self) -> Option<PreparedSegment> {
+        let (capacity, h) = self.spare.take()?;
+        match h.join() {
+            Ok(Ok(p)) => Some(p),
+            Ok(Err(_)) | Err(_) => {
+                self.unreserve(capacity);
+                None
+            }
+        }
+    }
+
+    /// Creates the next segment of this stream, at least `min_bytes` large:
+    /// the prepared spare when it is large enough, else made here.
+    fn new_segment(&mut self, min_bytes: u64) -> Result<OpenSegment, Fail> {
+        let cfg = self.shared.config.clone();
+        let capacity = cfg.segment_bytes.max(min_bytes.div_ceil(4096) * 4096);
+        if let Some(p) = self.take_spare() {
+            if p.capacity >= capacity {
+                let cap = p.capacity;
+                let seg =
+                    segment::install_segment(cfg.storage.as_ref(), &cfg.dir, p).map_err(|e| {
+                        self.unreserve(cap);
+                        classify(&e)
+                    })?;
+                self.stats.add(&self.stats.segments_created, 1);
+                return Ok(seg);
+            }
+            // Too small for this record: a larger one is made below.
+            self.unreserve(p.capacity);
+            segment::discard_segment(cfg.storage.as_ref(), p);
+        }
+        let id = self.reserve(capacity)?;
+        let seg =
+            segment::create_segment(cfg.storage.as_ref(), &cfg.dir, id, capacity).map_err(|e| {
+                self.unreserve(capacity);
+                classify(&e)
+            })?;
         self.stats.add(&self.stats.segments_created, 1);
         Ok(seg)
     }
