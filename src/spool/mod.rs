@@ -23,6 +23,43 @@
 //!   waits on a producer (completion queues are bounded by construction, see
 //!   [`Producer`]).
 //!
+//! Use from a shard thread (non-blocking) and from simple callers:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::SystemTime;
+//! use lmtp_ingest::envelope::{CommitOutcome, Message};
+//! use lmtp_ingest::spool::{Spool, SpoolConfig};
+//!
+//! # fn demo(message: Message, other: Message) -> Result<(), Box<dyn std::error::Error>> {
+//! let (spool, report) = Spool::open(SpoolConfig::new("/var/spool/lmtp-ingest"))?;
+//! println!("{report}");
+//! // A shard: its waker writes to the eventfd its ring watches.
+//! let waker: Arc<dyn Fn() + Send + Sync> = Arc::new(|| { /* eventfd_write(fd, 1) */ });
+//! let shard = spool.producer(Some(waker));
+//! if let Err(rejected) = shard.try_submit(7, message, SystemTime::now()) {
+//!     // Queue full: keep rejected.message, stop reading that socket, retry later.
+//!     drop(rejected);
+//! }
+//! // ...when the eventfd fires:
+//! let mut done = Vec::new();
+//! shard.drain(&mut done);
+//! for (ticket, outcome) in done {
+//!     match outcome {
+//!         CommitOutcome::Committed(id) => { /* 250 2.0.0 ... {id} */ }
+//!         CommitOutcome::Failed => { /* 451 4.3.0 */ }
+//!         CommitOutcome::StorageFull => { /* 452 4.3.1 */ }
+//!     }
+//!     let _ = ticket;
+//! }
+//! // A simple caller:
+//! let mut tool = spool.producer(None);
+//! let outcome = tool.commit(other);
+//! # let _ = outcome;
+//! spool.shutdown(); // commits what is queued, joins the writers
+//! # Ok(()) }
+//! ```
+//!
 //! Queue ids (128 bits, most significant first): 48 bits of Unix time in
 //! milliseconds when the writer built the batch (never going backwards within a
 //! writer), 16 bits of writer number, 64 bits of that writer's record sequence.
@@ -66,7 +103,7 @@ pub struct SpoolConfig {
     /// Size of each preallocated segment file. A record larger than this gets
     /// a segment of its own size.
     pub segment_bytes: u64,
-    /// A batch stops growing at this many bytes of records...
+    /// A batch stops growing once its message bodies reach this many bytes...
     pub batch_bytes_max: usize,
     /// ...or this many messages.
     pub batch_messages_max: usize,
@@ -641,6 +678,7 @@ impl Producer {
 
     /// Submits one message and waits for its outcome (other outcomes stay
     /// queued). For simple callers; a shard uses `try_submit` and `drain`.
+    /// Uses tickets from 2^63 up: do not mix with `submit` tickets that high.
     pub fn commit(&mut self, message: Message) -> CommitOutcome {
         let ticket = self.next_ticket;
         self.next_ticket = self.next_ticket.wrapping_add(1);

@@ -127,6 +127,19 @@ impl Writer {
     }
 
     pub(crate) fn run(mut self) {
+        // A panic here is a broken invariant (a record that does not read
+        // back, say). Its batch's producers would wait forever for outcomes,
+        // so stop the whole process instead: the MTAs retry, recovery runs.
+        struct AbortOnPanic;
+        impl Drop for AbortOnPanic {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    eprintln!("lmtp-ingest: spool writer hit a broken invariant; aborting");
+                    std::process::abort();
+                }
+            }
+        }
+        let _guard = AbortOnPanic;
         let cfg = self.shared.config.clone();
         let mut batch: Vec<Job> = Vec::with_capacity(cfg.batch_messages_max.min(4096));
         let mut stopping = false;
