@@ -139,6 +139,22 @@ fn verify_passes_a_sound_spool_and_fails_a_corrupt_one() {
 }
 
 #[test]
+fn verify_finds_a_segment_copied_into_the_wrong_place() {
+    let (dir, _) = filled("cli-verify-copy", 3);
+    let segs = reader::list_segments(&dir).unwrap();
+    let copy = dir.join("w000-000000000099.seg");
+    std::fs::copy(&segs[0].path, &copy).unwrap();
+    let o = cli(&dir, &["verify", "--json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // The header names another segment, and the stream's sequence goes back
+    // at the copy's first record.
+    assert_eq!(v["corrupt"], 2, "{v}");
+    let problems = v["problems"].to_string();
+    assert!(problems.contains("renamed or copied") && problems.contains("out of place"));
+}
+
+#[test]
 fn a_missing_spool_is_an_error_that_says_how_to_fix_it() {
     let o = cli(Path::new("/nonexistent/spool"), &["ls"]);
     assert_eq!(o.status.code(), Some(2));

@@ -12,7 +12,7 @@ use lmtp_ingest::envelope::{QueueId, ReversePath};
 use lmtp_ingest::spool::export::{Exporter, Format};
 use lmtp_ingest::spool::follow::{Follower, Start};
 use lmtp_ingest::spool::reader::{self, StoredRecord};
-use lmtp_ingest::spool::timefmt;
+use lmtp_ingest::spool::{queue_id_parts, timefmt};
 
 use super::Outcome;
 
@@ -275,20 +275,48 @@ fn verify(dir: &Path, json: bool) -> Result<Outcome, String> {
     };
     let segments =
         reader::list_segments(dir).map_err(|e| format!("listing {}: {e}", dir.display()))?;
+    // Per writer stream: the last sequence number seen (they must increase).
+    let mut last_seq: std::collections::HashMap<u16, u64> = std::collections::HashMap::new();
     for info in segments {
         rep.segments += 1;
-        let scan = reader::scan_segment(&info.path, |_, _, v| {
+        let mut inconsistent = Vec::new();
+        let scan = reader::scan_segment(&info.path, |offset, _, v| {
             rep.messages += 1;
             rep.recipients += v.header.recipients as u64;
             rep.bytes += v.header.body_len;
+            // The queue id must name this stream and this record's sequence,
+            // and sequences must increase along the stream.
+            let (_, writer, seq) = queue_id_parts(v.header.queue_id);
+            let prev = last_seq.insert(info.id.writer, v.header.seq);
+            if writer != info.id.writer
+                || seq != v.header.seq
+                || prev.is_some_and(|p| p >= v.header.seq)
+            {
+                inconsistent.push(format!(
+                    "{} offset {offset}: record {} (sequence {}) is out of place in this stream",
+                    info.id, v.header.queue_id, v.header.seq
+                ));
+            }
         })
         .map_err(|e| format!("reading {}: {e}", info.path.display()))?;
+        rep.corrupt += inconsistent.len() as u64;
+        rep.problems.append(&mut inconsistent);
         rep.record_bytes += scan.record_bytes;
-        if let Err(e) = &scan.header {
-            rep.corrupt += 1;
-            rep.problems
-                .push(format!("{}: damaged segment header: {e}", info.id));
-            continue;
+        match &scan.header {
+            Err(e) => {
+                rep.corrupt += 1;
+                rep.problems
+                    .push(format!("{}: damaged segment header: {e}", info.id));
+                continue;
+            }
+            Ok(h) if h.id != info.id => {
+                rep.corrupt += 1;
+                rep.problems.push(format!(
+                    "{}: header says it is {} (renamed or copied?)",
+                    info.id, h.id
+                ));
+            }
+            Ok(_) => {}
         }
         if let Some((offset, err)) = &scan.invalid {
             if scan.valid_after_invalid > 0 {
