@@ -117,8 +117,9 @@ pub struct SpoolConfig {
     /// Submissions one producer may have without a drained outcome; bounds its
     /// completion queue.
     pub producer_inflight_max: usize,
-    /// Spool size cap in bytes (segment files); beyond it new mail gets
-    /// `StorageFull`. `None`: limited only by the disk.
+    /// Spool size cap in bytes of segment files (each writer's prepared
+    /// spare included); a new segment that would pass it is not made, and
+    /// the mail that needed it gets `StorageFull`. `None`: only the disk.
     pub spool_bytes_max: Option<u64>,
     /// With no consumer registered, segments older than this are removed.
     pub retention_age_max: Option<Duration>,
@@ -382,8 +383,9 @@ impl Spool {
     }
 
     /// Registers a producer. `waker` (if any) is called after new outcomes are
-    /// queued for it, from a writer thread: it must be quick and must not
-    /// block (write to an eventfd, unpark a thread).
+    /// queued for it, once per batch, from a writer thread: it must be quick,
+    /// must not block and must not panic (write to an eventfd, unpark a
+    /// thread).
     pub fn producer(&self, waker: Option<Arc<dyn Fn() + Send + Sync>>) -> Producer {
         let id = self.shared.next_producer.fetch_add(1, Ordering::Relaxed);
         Producer {
