@@ -406,7 +406,11 @@ impl Spool {
     }
 
     /// True while any writer refuses work for lack of space (or the size cap):
-    /// a session can answer `452 4.3.1` before taking the data.
+    /// a session can answer `452 4.3.1` before taking the data. Cleared when a
+    /// batch commits again, or when the periodic check (every
+    /// `maintenance_interval`) sees room for a segment per writer on the file
+    /// system and under the cap; if the next batch still fails (a quota, say),
+    /// it is set again.
     pub fn is_storage_full(&self) -> bool {
         self.shared.full.iter().any(|f| f.load(Ordering::Relaxed))
     }
