@@ -10,9 +10,11 @@
 //! ```
 //!
 //! Parts: [`record`] (bytes of one message), [`segment`] (files, creation),
-//! [`writer`] (group commit), [`recover`] (start-up scan and torn-tail cut),
+//! `writer` (group commit), [`recover`] (start-up scan and torn-tail cut),
 //! [`reader`] (scans for tools), [`lock`] (one server per spool, no tmpfs),
-//! [`fs`] (the storage seam tests inject faults through).
+//! [`fs`] (the storage seam tests inject faults through), [`watermark`] (how
+//! far each stream is committed), [`follow`] (named consumers),
+//! [`retention`], [`export`], [`stats`], [`timefmt`].
 //!
 //! Invariants:
 //! - A `CommitOutcome::Committed` is sent only after the `fdatasync` covering
