@@ -106,10 +106,11 @@ pub fn scan_segment(
         valid_after_invalid: 0,
         nonzero_end: SEGMENT_HEADER_LEN,
     };
-    if header.is_err() {
+    // A damaged header is reported through `header`; the records after it
+    // are still read (their sequence numbers and ids must not be reused).
+    if bytes.len() < SEGMENT_HEADER_LEN as usize {
         scan.end = 0;
         scan.nonzero_end = bytes.len() as u64;
-        scan.invalid = Some((0, RecordError::Magic([0; 4])));
         return Ok(scan);
     }
     let mut at = SEGMENT_HEADER_LEN as usize;
