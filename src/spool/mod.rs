@@ -709,3 +709,24 @@ impl Producer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_can_move_to_shard_and_metrics_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Spool>();
+        send_sync::<Producer>();
+        send_sync::<SpoolConfig>();
+    }
+
+    #[test]
+    fn queue_id_parts_round_trip_and_sort_by_time() {
+        let a = queue_id_from_parts(1_795_253_400_000, 3, 42);
+        assert_eq!(queue_id_parts(a), (1_795_253_400_000, 3, 42));
+        let b = queue_id_from_parts(1_795_253_400_001, 0, 0);
+        assert!(a < b && a.to_string() < b.to_string());
+    }
+}
