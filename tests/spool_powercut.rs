@@ -64,6 +64,9 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// (acknowledged at, id, producer, n)
+type Ack = (Instant, QueueId, u32, u32);
+
 fn body_len(t: u32, n: u32) -> usize {
     100 + (t as usize * 997 + n as usize * 331) % 12_000
 }
@@ -121,8 +124,7 @@ fn power_cuts(name: &str, prepare_ahead: bool) {
     cfg.writers = if prepare_ahead { 2 } else { 1 };
     cfg.segment_prepare_ahead = prepare_ahead;
     let (spool, _) = Spool::open(cfg).unwrap();
-    // (acknowledged at, id, producer, n)
-    let acks: Arc<Mutex<Vec<(Instant, QueueId, u32, u32)>>> = Arc::default();
+    let acks: Arc<Mutex<Vec<Ack>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let mut producers = Vec::new();
     for t in 0..4u32 {
