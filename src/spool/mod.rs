@@ -588,8 +588,18 @@ impl Producer {
         received_at: SystemTime,
         block: bool,
     ) -> Result<(), Rejected> {
-        let closed = self.shared.closed.read().unwrap_or_else(|e| e.into_inner());
-        if *closed {
+        // The non-blocking path must not wait even for shutdown: the lock is
+        // only ever contended by a shutdown in progress, so "busy" = closed.
+        let closed = if block {
+            Some(self.shared.closed.read().unwrap_or_else(|e| e.into_inner()))
+        } else {
+            match self.shared.closed.try_read() {
+                Ok(g) => Some(g),
+                Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            }
+        };
+        if closed.as_deref().is_none_or(|c| *c) {
             return Err(Rejected {
                 message,
                 reason: RejectReason::Closed,
