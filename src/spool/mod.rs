@@ -354,7 +354,14 @@ impl Spool {
             next_producer: AtomicUsize::new(0),
             maintenance_stop: (Mutex::new(false), Condvar::new()),
         });
-        let mut writers = Vec::new();
+        // Built first, so that a failure below stops (through Drop) the
+        // writers already started instead of leaving them blocked forever.
+        let mut spool = Spool {
+            shared: shared.clone(),
+            writers: Vec::new(),
+            maintenance: None,
+            _lock: lock,
+        };
         for (i, rx) in receivers.into_iter().enumerate() {
             let w = writer::Writer::new(
                 i as u16,
@@ -366,22 +373,15 @@ impl Spool {
                 .name(format!("spool-writer-{i}"))
                 .spawn(move || w.run())
                 .map_err(|e| SpoolError::io("spawn writer thread", e))?;
-            writers.push(handle);
+            spool.writers.push(handle);
         }
         let maint_shared = shared.clone();
         let maintenance = std::thread::Builder::new()
             .name("spool-maintenance".into())
             .spawn(move || maintenance_loop(&maint_shared))
             .map_err(|e| SpoolError::io("spawn maintenance thread", e))?;
-        Ok((
-            Spool {
-                shared,
-                writers,
-                maintenance: Some(maintenance),
-                _lock: lock,
-            },
-            recovered.report,
-        ))
+        spool.maintenance = Some(maintenance);
+        Ok((spool, recovered.report))
     }
 
     /// Registers a producer. `waker` (if any) is called after new outcomes are
