@@ -28,21 +28,19 @@ use lmtp_ingest::envelope::{CommitOutcome, QueueId};
 use lmtp_ingest::spool::{Spool, reader};
 use spool_util::{config, message};
 
-/// Unmounts and removes what it names when dropped, also on failure.
+/// Unmounts what it names, then removes the test's directory (images
+/// included) when dropped, also when the test fails.
 struct Cleanup {
     mounts: Vec<PathBuf>,
-    files: Vec<PathBuf>,
+    base: PathBuf,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
         for m in self.mounts.iter().rev() {
             let _ = Command::new("umount").arg(m).status();
-            let _ = std::fs::remove_dir_all(m);
         }
-        for f in &self.files {
-            let _ = std::fs::remove_file(f);
-        }
+        let _ = std::fs::remove_dir_all(&self.base);
     }
 }
 
@@ -99,7 +97,7 @@ fn power_cuts(name: &str, prepare_ahead: bool) {
     std::fs::create_dir_all(&mnt).unwrap();
     let mut cleanup = Cleanup {
         mounts: Vec::new(),
-        files: Vec::new(),
+        base: base.clone(),
     };
     std::fs::File::create(&image)
         .unwrap()
@@ -164,7 +162,6 @@ fn power_cuts(name: &str, prepare_ahead: bool) {
         rng ^= rng << 17;
         std::thread::sleep(Duration::from_millis(20 + rng % 80));
         let snap = base.join(format!("cut-{k}.img"));
-        cleanup.files.push(snap.clone());
         let t0 = Instant::now();
         std::fs::copy(&image, &snap).unwrap();
         snapshots.push((snap, t0));
@@ -234,5 +231,4 @@ fn power_cuts(name: &str, prepare_ahead: bool) {
         "too few acknowledgements to mean anything"
     );
     drop(cleanup);
-    let _ = std::fs::remove_dir_all(&base);
 }
