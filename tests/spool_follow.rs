@@ -221,3 +221,65 @@ fn follow_exec_saves_only_after_success() {
         assert_eq!(std::fs::read(out.join(id.to_string())).unwrap(), m.body);
     }
 }
+
+#[test]
+fn a_live_follower_sees_every_commit_once_across_writers_and_rotations() {
+    let dir = spool_dir("follow-live");
+    let mut cfg = config(&dir);
+    cfg.writers = 2;
+    cfg.segment_bytes = 32 << 10; // many rotations
+    let (spool, _) = Spool::open(cfg).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let follower = {
+        let dir = dir.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut f = Follower::open(&dir, "live", Start::Beginning).unwrap();
+            let mut seen = Vec::new();
+            loop {
+                let done = stop.load(std::sync::atomic::Ordering::Acquire);
+                let batch = f.poll(64).unwrap();
+                if batch.is_empty() && done {
+                    break;
+                }
+                seen.extend(batch.into_iter().map(|r| (r.header.queue_id, r.message())));
+                f.save().unwrap();
+            }
+            seen
+        })
+    };
+    let mut producers = Vec::new();
+    for t in 0..4u32 {
+        let p = spool.producer(None);
+        producers.push(std::thread::spawn(move || {
+            let mut ids = Vec::new();
+            let mut next = 0u32;
+            while ids.len() < 150 {
+                while next < 150 && p.in_flight() < 4 {
+                    let m = message(57, t, next, 200 + (next as usize * 61) % 3000);
+                    p.try_submit(next as u64, m, SystemTime::now()).unwrap();
+                    next += 1;
+                }
+                let (n, o) = p.wait_completion(Duration::from_secs(10)).unwrap();
+                let CommitOutcome::Committed(id) = o else {
+                    panic!("{o:?}")
+                };
+                ids.push((id, t, n as u32));
+            }
+            ids
+        }));
+    }
+    let committed: Vec<(QueueId, u32, u32)> = producers
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let seen = follower.join().unwrap();
+    assert_eq!(seen.len(), committed.len(), "each commit seen exactly once");
+    let seen: std::collections::HashMap<QueueId, Message> = seen.into_iter().collect();
+    for (id, t, n) in committed {
+        let m = seen.get(&id).unwrap_or_else(|| panic!("{id} never seen"));
+        assert_eq!(*m, message(57, t, n, 200 + (n as usize * 61) % 3000));
+    }
+    spool.shutdown();
+}

@@ -143,7 +143,7 @@ fn ls(dir: &Path, json: bool) -> Result<Outcome, String> {
     }
     let mut write_err = None;
     for info in segments {
-        reader::scan_segment(&info.path, |_, _, v| {
+        let scanned = reader::scan_segment(&info.path, |_, _, v| {
             if write_err.is_some() {
                 return;
             }
@@ -171,8 +171,12 @@ fn ls(dir: &Path, json: bool) -> Result<Outcome, String> {
             if let Err(err) = r {
                 write_err = Some(err);
             }
-        })
-        .map_err(|e| format!("reading {}: {e}", info.path.display()))?;
+        });
+        match scanned {
+            Ok(_) => {}
+            Err(e) if reader::is_gone(&e) => continue, // removed by retention
+            Err(e) => return Err(format!("reading {}: {e}", info.path.display())),
+        }
         if let Some(e) = write_err.take() {
             return Err(out_err(e));
         }
@@ -278,9 +282,8 @@ fn verify(dir: &Path, json: bool) -> Result<Outcome, String> {
     // Per writer stream: the last sequence number seen (they must increase).
     let mut last_seq: std::collections::HashMap<u16, u64> = std::collections::HashMap::new();
     for info in segments {
-        rep.segments += 1;
         let mut inconsistent = Vec::new();
-        let scan = reader::scan_segment(&info.path, |offset, _, v| {
+        let scanned = reader::scan_segment(&info.path, |offset, _, v| {
             rep.messages += 1;
             rep.recipients += v.header.recipients as u64;
             rep.bytes += v.header.body_len;
@@ -297,8 +300,13 @@ fn verify(dir: &Path, json: bool) -> Result<Outcome, String> {
                     info.id, v.header.queue_id, v.header.seq
                 ));
             }
-        })
-        .map_err(|e| format!("reading {}: {e}", info.path.display()))?;
+        });
+        let scan = match scanned {
+            Ok(scan) => scan,
+            Err(e) if reader::is_gone(&e) => continue, // removed by retention
+            Err(e) => return Err(format!("reading {}: {e}", info.path.display())),
+        };
+        rep.segments += 1;
         rep.corrupt += inconsistent.len() as u64;
         rep.problems.append(&mut inconsistent);
         rep.record_bytes += scan.record_bytes;
@@ -369,8 +377,11 @@ fn export(dir: &Path, format: Format, to: &Path, ids: &[String]) -> Result<Outco
         let segments =
             reader::list_segments(dir).map_err(|e| format!("listing {}: {e}", dir.display()))?;
         for info in segments {
-            let (records, _) = reader::read_segment_records(&info)
-                .map_err(|e| format!("reading {}: {e}", info.path.display()))?;
+            let records = match reader::read_segment_records(&info) {
+                Ok((records, _)) => records,
+                Err(e) if reader::is_gone(&e) => continue, // removed by retention
+                Err(e) => return Err(format!("reading {}: {e}", info.path.display())),
+            };
             for r in &records {
                 ex.export(r).map_err(fail)?;
             }

@@ -197,10 +197,21 @@ impl Follower {
                 };
                 let file = match self.open.get(&w) {
                     Some((idx, f)) if *idx == pos.segment => f,
-                    _ => {
-                        self.open.insert(w, (pos.segment, File::open(&info.path)?));
-                        &self.open[&w].1
-                    }
+                    _ => match File::open(&info.path) {
+                        Ok(f) => {
+                            self.open.insert(w, (pos.segment, f));
+                            &self.open[&w].1
+                        }
+                        // Removed since the listing (by retention: every
+                        // consumer, so also this one, had passed it).
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                            if !next_segment(pos, segs) {
+                                break;
+                            }
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    },
                 };
                 match reader::read_record_at(file, info.id, pos.offset, info.len)? {
                     ReadAt::Record(r) => {
