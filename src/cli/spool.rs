@@ -12,7 +12,7 @@ use lmtp_ingest::envelope::{QueueId, ReversePath};
 use lmtp_ingest::spool::export::{Exporter, Format};
 use lmtp_ingest::spool::follow::{Follower, Start};
 use lmtp_ingest::spool::reader::{self, StoredRecord};
-use lmtp_ingest::spool::{queue_id_parts, timefmt};
+use lmtp_ingest::spool::{queue_id_parts, timefmt, watermark};
 
 use super::Outcome;
 
@@ -264,7 +264,8 @@ struct VerifyReport {
     bytes: u64,
     /// Record bytes, padding included.
     record_bytes: u64,
-    /// Damage: bad records followed by sound ones, or damaged segment headers.
+    /// Damage: bad records followed by sound ones below the committed
+    /// watermark, records out of place, or damaged segment headers.
     corrupt: u64,
     /// Unfinished writes at the end of a segment (never acknowledged; cut by
     /// recovery at the next start).
@@ -327,7 +328,14 @@ fn verify(dir: &Path, json: bool) -> Result<Outcome, String> {
             Ok(_) => {}
         }
         if let Some((offset, err)) = &scan.invalid {
-            if scan.valid_after_invalid > 0 {
+            // Past the stream's committed watermark a batch may be in the
+            // middle of being written (a server is running): whatever is
+            // there was not acknowledged, so it is a tail, not damage.
+            let uncommitted = watermark::read(dir, info.id.writer)
+                .ok()
+                .flatten()
+                .is_some_and(|wm| (info.id.index, *offset) >= (wm.segment, wm.offset));
+            if scan.valid_after_invalid > 0 && !uncommitted {
                 rep.corrupt += 1;
                 rep.problems.push(format!(
                     "{} offset {offset}: corrupt record ({err}) followed by {} sound records",
