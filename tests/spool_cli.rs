@@ -310,3 +310,46 @@ fn export_mbox_quotes_from_lines_and_eml_keeps_crlf() {
     ));
     assert_eq!(tree(&to).len(), 3);
 }
+
+#[test]
+fn verify_and_ls_beside_a_running_server_find_no_damage() {
+    let dir = spool_dir("cli-live");
+    let mut cfg = config(&dir);
+    cfg.writers = 2;
+    cfg.segment_bytes = 64 << 10;
+    let (spool, _) = Spool::open(cfg).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut producers = Vec::new();
+    for t in 0..3u32 {
+        let p = spool.producer(None);
+        let stop = stop.clone();
+        producers.push(std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while p.in_flight() < 8 {
+                    let m = message(33, t, n, 500 + (n as usize * 97) % 5000);
+                    p.try_submit(n as u64, m, std::time::SystemTime::now())
+                        .unwrap();
+                    n += 1;
+                }
+                p.wait_completion(std::time::Duration::from_secs(5));
+            }
+        }));
+    }
+    for _ in 0..5 {
+        let o = cli(&dir, &["verify", "--json"]);
+        assert!(o.status.success(), "{}", stdout(&o));
+        let o = cli(&dir, &["ls", "--json"]);
+        assert!(o.status.success());
+        let _: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for p in producers {
+        p.join().unwrap();
+    }
+    spool.shutdown();
+    let o = cli(&dir, &["verify", "--json"]);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["torn_tails"], 0, "{v}");
+}
