@@ -194,6 +194,10 @@ impl Writer {
             }
             self.previous_batch_len = batch.len();
             self.commit(&mut batch);
+            // One huge message must not pin its buffer for the writer's life.
+            if self.buf.capacity() > 2 * cfg.batch_bytes_max.max(1 << 20) {
+                self.buf = Vec::new();
+            }
         }
         // A spare that will not be used: leave no `.prep` file behind.
         if let Some(p) = self.take_spare() {
