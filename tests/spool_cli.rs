@@ -60,7 +60,7 @@ fn ls_lists_every_message_as_table_and_json() {
     let arr = v.as_array().unwrap();
     assert_eq!(arr.len(), 5);
     assert_eq!(arr[0]["id"], msgs[0].0.to_string());
-    assert_eq!(arr[0]["sender"], "<>"); // message n=0 has the null sender
+    assert_eq!(arr[0]["sender"], ""); // message n=0 has the null sender (empty address)
     assert_eq!(arr[1]["sender"], "sender0@example.net");
     assert_eq!(arr[1]["recipients"], 2);
     assert_eq!(arr[1]["size"], msgs[1].1.body.len());

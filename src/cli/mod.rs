@@ -44,7 +44,15 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         None => serve::run(serve::ServeArgs::default()),
         Some(Command::Serve(args)) => serve::run(args),
-        Some(Command::Spool(args)) => spool::run(args),
+        Some(Command::Spool(args)) => {
+            // A reader piped into `head` should just stop, like any Unix
+            // tool. (The server keeps SIGPIPE ignored: it sends with
+            // MSG_NOSIGNAL, and a closed log pipe must not kill it.)
+            // SAFETY: restoring a signal's default disposition before any
+            // thread is started.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            spool::run(args)
+        }
     };
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,

@@ -107,7 +107,8 @@ pub fn run(args: SpoolArgs) -> Result<Outcome, String> {
 
 fn sender(r: &ReversePath) -> String {
     match r {
-        ReversePath::Null => "<>".to_string(),
+        // The null sender is the empty address, as in Postfix's $sender.
+        ReversePath::Null => String::new(),
         ReversePath::Mailbox(m) => m.address(),
     }
 }

@@ -155,12 +155,30 @@ pub fn scan_segment(
         }
     }
     let tail = &bytes[at..];
-    let last_nonzero = tail.iter().rposition(|&b| b != 0);
+    let last_nonzero = last_nonzero(tail);
     scan.nonzero_end = match last_nonzero {
         Some(p) => (at + (p / RECORD_ALIGN + 1) * RECORD_ALIGN).min(bytes.len()) as u64,
         None => at as u64,
     };
     Ok(scan)
+}
+
+/// Index of the last non-zero byte. A segment is mostly zeros past its last
+/// record: whole 64 KiB blocks are compared with a zero block (a `memcmp`),
+/// and only the last block that differs is searched byte by byte.
+fn last_nonzero(bytes: &[u8]) -> Option<usize> {
+    const BLOCK: usize = 64 * 1024;
+    static ZEROS: [u8; BLOCK] = [0; BLOCK];
+    let mut end = bytes.len();
+    while end > 0 {
+        let start = end.saturating_sub(BLOCK);
+        let block = &bytes[start..end];
+        if block != &ZEROS[..block.len()] {
+            return block.iter().rposition(|&b| b != 0).map(|p| start + p);
+        }
+        end = start;
+    }
+    None
 }
 
 /// True for the error of reading a segment that retention removed after it
@@ -280,4 +298,20 @@ pub fn find(dir: &Path, id: crate::envelope::QueueId) -> io::Result<Option<Store
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_nonzero_across_blocks() {
+        let mut v = vec![0u8; 200_000];
+        assert_eq!(last_nonzero(&v), None);
+        assert_eq!(last_nonzero(&[]), None);
+        for at in [0, 1, 65_535, 65_536, 131_071, 199_999] {
+            v[at] = 7;
+            assert_eq!(last_nonzero(&v), Some(at), "{at}");
+        }
+    }
 }
