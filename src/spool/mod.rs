@@ -363,12 +363,13 @@ impl Spool {
             _lock: lock,
         };
         for (i, rx) in receivers.into_iter().enumerate() {
-            let w = writer::Writer::new(
+            let mut w = writer::Writer::new(
                 i as u16,
                 shared.clone(),
                 rx,
                 recovered.streams.get(&(i as u16)).cloned(),
             )?;
+            w.open_first_segment();
             let handle = std::thread::Builder::new()
                 .name(format!("spool-writer-{i}"))
                 .spawn(move || w.run())
