@@ -25,7 +25,7 @@ pub enum IoChoice {
     Epoll,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerSection,
@@ -93,17 +93,6 @@ pub struct SpoolSection {
     pub allow_tmpfs: bool,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerSection::default(),
-            limits: LimitsSection::default(),
-            protocol: ProtocolSection::default(),
-            spool: SpoolSection::default(),
-        }
-    }
-}
-
 impl Default for ServerSection {
     fn default() -> Self {
         ServerSection {
@@ -112,7 +101,7 @@ impl Default for ServerSection {
             shards: 0,
             cpus: Vec::new(),
             io: IoChoice::Auto,
-            connections_max: 20_000,
+            connections_max: 10_000,
             // 256 MiB: many 4-64 KiB messages per batch, bounded on a small box.
             shard_inflight_bytes_max: 256 << 20,
             unix_socket_mode: "0660".into(),
@@ -239,7 +228,7 @@ impl Config {
             return Err(bad(
                 "server.connections_max",
                 "0 accepts nobody",
-                "set it to 1 or more (default 20000)",
+                "set it to 1 or more (default 10000)",
             ));
         }
         if self.server.shard_inflight_bytes_max < self.limits.message_bytes_max as u64 {

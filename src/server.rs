@@ -227,3 +227,28 @@ pub fn run(config: Config) -> Result<(), String> {
     tracing::info!("stopped; spool: {stats:?}");
     Ok(())
 }
+
+/// Raises the open-files soft limit to the hard limit (each connection is a
+/// descriptor); returns (soft, hard) after the change, for the log.
+pub fn raise_nofile_limit() -> (u64, u64) {
+    // SAFETY: getrlimit/setrlimit read and write a live local struct.
+    unsafe {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return (0, 0);
+        }
+        if r.rlim_cur < r.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                r = want;
+            }
+        }
+        (r.rlim_cur, r.rlim_max)
+    }
+}

@@ -141,6 +141,15 @@ pub fn run(args: ServeArgs) -> Result<Outcome, String> {
         return Ok(Outcome::Ok);
     }
     init_logging();
+    let (soft, hard) = lmtp_ingest::server::raise_nofile_limit();
+    if soft < config.server.connections_max as u64 + 1024 {
+        tracing::warn!(
+            soft,
+            hard,
+            connections_max = config.server.connections_max,
+            "the open-files limit is below server.connections_max + 1024: raise LimitNOFILE (systemd) or `ulimit -n`, or lower connections_max"
+        );
+    }
     lmtp_ingest::server::run(config)?;
     Ok(Outcome::Ok)
 }

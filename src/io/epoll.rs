@@ -229,7 +229,7 @@ impl Loop<'_> {
                 if token == TOKEN_WAKE {
                     self.params.waker.clear();
                     woke = true;
-                } else if token >= TOKEN_LISTENER_BASE - self.params.listeners.len() as u64 + 1 {
+                } else if token > TOKEN_LISTENER_BASE - self.params.listeners.len() as u64 {
                     let i = (TOKEN_LISTENER_BASE - token) as usize;
                     self.accept_all(now, i);
                 } else {

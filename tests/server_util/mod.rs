@@ -202,3 +202,118 @@ pub fn backends() -> Vec<&'static str> {
         _ => vec!["epoll", "uring"],
     }
 }
+
+/// A small lock-step LMTP client for tests (the way Exim's lmtp transport
+/// talks): one command, one reply; after the data, one reply per recipient.
+pub struct Client<S: std::io::Read + std::io::Write> {
+    r: BufReader<S>,
+}
+
+impl Client<std::net::TcpStream> {
+    pub fn tcp(addr: &str) -> std::io::Result<Self> {
+        let s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Client::greet(s)
+    }
+}
+
+impl<S: std::io::Read + std::io::Write> Client<S> {
+    pub fn greet(s: S) -> std::io::Result<Self> {
+        let mut c = Client {
+            r: BufReader::new(s),
+        };
+        let g = c.reply()?;
+        if !g.starts_with("220 ") {
+            return Err(std::io::Error::other(format!("greeting: {g}")));
+        }
+        Ok(c)
+    }
+
+    /// Reads one reply; returns its last line.
+    pub fn reply(&mut self) -> std::io::Result<String> {
+        loop {
+            let mut line = String::new();
+            if self.r.read_line(&mut line)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return Ok(line.trim_end().to_string());
+            }
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.r.get_mut().write_all(bytes)
+    }
+
+    pub fn cmd(&mut self, line: &str, want: &str) -> std::io::Result<String> {
+        self.send(format!("{line}\r\n").as_bytes())?;
+        let r = self.reply()?;
+        if !r.starts_with(want) {
+            return Err(std::io::Error::other(format!("{line}: {r}")));
+        }
+        Ok(r)
+    }
+
+    /// One transaction; returns the queue id of the message, taken from
+    /// the per-recipient replies (which must all be 250 and agree).
+    pub fn deliver(
+        &mut self,
+        from: &str,
+        rcpts: &[String],
+        body: &[u8],
+    ) -> std::io::Result<String> {
+        self.cmd(&format!("MAIL FROM:<{from}>"), "250 ")?;
+        for r in rcpts {
+            self.cmd(&format!("RCPT TO:<{r}>"), "250 ")?;
+        }
+        self.cmd("DATA", "354 ")?;
+        let mut data = Vec::with_capacity(body.len() + 8);
+        for line in body.split_inclusive(|&c| c == b'\n') {
+            if line.first() == Some(&b'.') {
+                data.push(b'.');
+            }
+            data.extend_from_slice(line);
+        }
+        data.extend_from_slice(b".\r\n");
+        self.send(&data)?;
+        let mut id = None;
+        for r in rcpts {
+            let line = self.reply()?;
+            let want = format!("250 2.0.0 <{r}> ");
+            let this = line
+                .strip_prefix(&want)
+                .and_then(|rest| rest.strip_suffix(" Saved"))
+                .ok_or_else(|| std::io::Error::other(format!("final reply for {r}: {line}")))?
+                .to_string();
+            if id.as_ref().is_some_and(|i| *i != this) {
+                return Err(std::io::Error::other(
+                    "recipients of one message got different ids",
+                ));
+            }
+            id = Some(this);
+        }
+        Ok(id.unwrap_or_default())
+    }
+}
+
+/// A body fully determined by `n`, so a test can check what was stored.
+pub fn body_for(n: u64, len: usize) -> Vec<u8> {
+    let mut b = format!("Subject: message {n}\r\n\r\n").into_bytes();
+    let mut x = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    while b.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if b.len() % 76 == 74 {
+            b.extend_from_slice(b"\r\n");
+            if x % 7 == 0 {
+                b.push(b'.');
+            }
+        } else {
+            b.push(b'a' + (x % 26) as u8);
+        }
+    }
+    b.extend_from_slice(b"\r\n");
+    b
+}
