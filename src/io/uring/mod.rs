@@ -24,8 +24,10 @@
 //! from a recv that was armed earlier while the core does not want it (its
 //! message is with the spool, or the shard is paused), it is still fed to the
 //! core, which keeps it, and the recv is cancelled; it is armed again when the
-//! core wants to read. So beyond what the core asked for, a connection gets at
-//! most what one wake-up of its recv delivers, bounded by the buffer ring.
+//! core wants to read. When the shard reaches its memory bound every armed
+//! recv is cancelled at once. So beyond what the core asked for, a
+//! connection gets at most what its recv delivered before the cancel took
+//! effect: the completions of one wait, bounded by the buffer ring.
 //!
 //! Must not: free memory an in-flight SQE points at, touch a buffer it gave
 //! back, or keep a descriptor the kernel may still use.
@@ -133,6 +135,7 @@ pub fn run_shard(mut core: ShardCore, params: ShardParams) -> io::Result<()> {
         paused: false,
         dirty: Vec::new(),
         cqes: Vec::new(),
+        stats: UringStats::default(),
     };
     let result = lp.run();
     lp.teardown();
@@ -162,6 +165,21 @@ struct Loop<'a> {
     paused: bool,
     dirty: Vec<Slot>,
     cqes: Vec<(u64, i32, u32)>,
+    stats: UringStats,
+}
+
+/// Counters logged when the shard stops: how often the slow paths ran.
+#[derive(Debug, Default)]
+struct UringStats {
+    recv_armed: u64,
+    /// Multishot recvs ended by an empty buffer ring.
+    recv_enobufs: u64,
+    /// Recvs cancelled because data came while the core did not want it.
+    recv_backpressure_cancels: u64,
+    /// Times the shard reached its memory bound (every armed recv cancelled).
+    pauses: u64,
+    sends: u64,
+    partial_sends: u64,
 }
 
 impl Loop<'_> {
@@ -479,6 +497,7 @@ impl Loop<'_> {
             .user_data(token::encode(Kind::Recv, id, c.generation));
         c.recv_armed = true;
         c.recv_cancelled = false;
+        self.stats.recv_armed += 1;
         // SAFETY: the recv writes only into buffers of the registered group
         // (owned by `bufs`, alive until teardown); the fd is owned by the
         // record, which is freed only after the recv's last CQE.
@@ -513,7 +532,9 @@ impl Loop<'_> {
                 if !wanted && more {
                     // Back-pressure: the core did not ask for this; stop the
                     // recv until it wants to read again.
-                    self.cancel_recv(id);
+                    if self.cancel_recv(id) {
+                        self.stats.recv_backpressure_cancels += 1;
+                    }
                 }
             } else {
                 self.recycle(bid);
@@ -526,6 +547,9 @@ impl Loop<'_> {
         if res == 0 {
             self.conns[id as usize].as_mut().expect("live").eof = true;
         } else if res < 0 {
+            if res == -libc::ENOBUFS {
+                self.stats.recv_enobufs += 1;
+            }
             match -res {
                 // The ring ran dry (buffers are back now) or we cancelled:
                 // `service_dirty` re-arms if the core wants to read.
@@ -554,13 +578,17 @@ impl Loop<'_> {
         unsafe { self.push(entry) };
     }
 
-    fn cancel_recv(&mut self, id: u32) {
+    /// Cancels the connection's recv; false if none was armed or a cancel
+    /// is already on its way.
+    fn cancel_recv(&mut self, id: u32) -> bool {
         let c = self.conns[id as usize].as_mut().expect("live");
         if c.recv_armed && !c.recv_cancelled {
             c.recv_cancelled = true;
             let ud = token::encode(Kind::Recv, id, c.generation);
             self.cancel(ud);
+            return true;
         }
+        false
     }
 
     /// Starts sending `pending` if no send is in flight.
@@ -586,6 +614,7 @@ impl Loop<'_> {
             .user_data(token::encode(Kind::Send, id, c.generation));
         c.send_inflight = true;
         c.send_cancelled = false;
+        self.stats.sends += 1;
         // SAFETY: `sending` belongs to the record, which lives until this
         // send's CQE (closing waits for it); it is not written or resized
         // while `send_inflight` (new output goes to `pending`).
@@ -609,6 +638,7 @@ impl Loop<'_> {
         }
         c.sent += res as usize;
         if c.sent < c.sending.len() {
+            self.stats.partial_sends += 1;
             self.submit_send(id);
             return;
         }
@@ -660,6 +690,16 @@ impl Loop<'_> {
     /// Sends output, closes finished connections, arms recvs.
     fn service_dirty(&mut self) {
         let paused = self.core.is_paused();
+        if paused && !self.paused {
+            // The memory bound is reached: stop every recv now rather than
+            // let each deliver one more batch before its lazy cancel.
+            self.stats.pauses += 1;
+            for slot in 0..self.by_slot.len() {
+                if let Some(id) = self.by_slot[slot] {
+                    self.cancel_recv(id);
+                }
+            }
+        }
         if self.paused && !paused {
             // The memory bound lifted (outcomes came back, or a waiting
             // message was dropped): everyone may read again.
@@ -742,6 +782,7 @@ impl Loop<'_> {
                 b.leak();
             }
         }
+        tracing::info!(shard = self.params.shard_id, stats = ?self.stats, "io_uring shard stopped");
     }
 
     fn ops_in_flight(&self) -> bool {
