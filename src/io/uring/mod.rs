@@ -62,6 +62,8 @@ const RECV_BUF_BYTES: usize = 16 * 1024;
 const BGID: u16 = 0;
 /// Timeouts are minutes; checking them every second is plenty (as epoll).
 const TICK: Duration = Duration::from_secs(1);
+/// Submits tried when the SQ is full before giving up on the ring.
+const SUBMIT_RETRIES_MAX: usize = 10_000;
 /// How long the final teardown waits for cancelled ops to complete.
 const TEARDOWN_WAIT: Duration = Duration::from_secs(2);
 
@@ -258,19 +260,27 @@ impl Loop<'_> {
     /// Every pointer in `entry` stays valid until its CQE (the ownership rules
     /// in the module doc).
     unsafe fn push(&mut self, entry: squeue::Entry) {
-        loop {
+        // submit() hands the whole SQ to the kernel, so one retry normally
+        // suffices; a ring that takes nothing for this long is broken.
+        for _ in 0..SUBMIT_RETRIES_MAX {
             // SAFETY: forwarded from the caller.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return;
             }
             if let Err(e) = self.ring.submit() {
-                if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) {
-                    // Nothing to do but try again; the kernel frees SQ room
-                    // as it consumes entries.
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                ) {
                     tracing::warn!(shard = self.params.shard_id, "io_uring submit: {e}");
                 }
+                std::thread::yield_now();
             }
         }
+        panic!(
+            "shard {}: the io_uring submission queue stayed full after {SUBMIT_RETRIES_MAX} submits",
+            self.params.shard_id
+        );
     }
 
     /// Handles every completion that has arrived; true if the waker fired.
