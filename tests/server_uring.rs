@@ -154,3 +154,158 @@ fn shutdown_answers_an_idle_session_421_and_exits_0() {
         assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
     }
 }
+
+#[test]
+fn connections_over_the_limit_get_421() {
+    for io in backends() {
+        let mut server = start_with(
+            &format!("connmax-{io}"),
+            io,
+            "[server]\nshards = 1\nconnections_max = 2\n",
+        );
+        let _a = Client::tcp(&server.addr()).unwrap();
+        let _b = Client::tcp(&server.addr()).unwrap();
+        let third = std::net::TcpStream::connect(server.addr()).unwrap();
+        third
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut got = String::new();
+        let _ = (&third).read_to_string(&mut got);
+        assert!(got.starts_with("421 4.7.0 "), "{got}");
+        assert!(server.stop().success());
+    }
+}
+
+/// Runs `serve` with io_uring_setup refused by a seccomp filter (as Docker's
+/// default profile does); returns the start-up banner, or everything the
+/// server wrote before it exited.
+fn serve_without_io_uring(name: &str, io: &str) -> (Option<String>, Vec<String>) {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+
+    let dir = server_util::test_dir(name);
+    let mut cmd = Command::new(server_util::BIN);
+    cmd.arg("serve")
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--io",
+            io,
+            "--hostname",
+            "mx.test",
+        ])
+        .arg("--spool")
+        .arg(dir.join("spool"))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let filter = seccomp::deny_io_uring_setup();
+    // SAFETY: between fork and exec the closure calls only prctl and
+    // seccomp (async-signal-safe system calls) on memory moved into it.
+    unsafe {
+        cmd.pre_exec(move || seccomp::install(&filter));
+    }
+    let mut child = cmd.spawn().expect("start lmtp-ingest");
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let mut banner = None;
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) {
+        lines.push(line.clone());
+        if line.contains("lmtp-ingest ready") {
+            banner = Some(line);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    (banner, lines)
+}
+
+#[test]
+fn io_uring_refused_by_seccomp_falls_back_to_epoll_and_says_why() {
+    let (banner, lines) = serve_without_io_uring("seccomp-auto", "auto");
+    let banner = banner.unwrap_or_else(|| panic!("no banner: {lines:#?}"));
+    assert!(banner.contains("backend=\"epoll\""), "{banner}");
+    assert!(
+        banner.contains(
+            "io_uring_setup: EPERM (blocked by a seccomp profile or kernel.io_uring_disabled=2); falling back to epoll"
+        ),
+        "{banner}"
+    );
+    let (banner, lines) = serve_without_io_uring("seccomp-forced", "uring");
+    assert!(banner.is_none(), "--io uring must not start: {lines:#?}");
+    let all = lines.join("\n");
+    assert!(
+        all.contains("--io uring: io_uring_setup: EPERM") && all.contains("--io epoll"),
+        "the refusal says why and what to do: {all}"
+    );
+}
+
+/// A minimal seccomp filter: `io_uring_setup` fails with EPERM, everything
+/// else is allowed.
+mod seccomp {
+    #[cfg(target_arch = "x86_64")]
+    const AUDIT_ARCH: u32 = 0xC000_003E;
+    #[cfg(target_arch = "aarch64")]
+    const AUDIT_ARCH: u32 = 0xC000_00B7;
+
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    const RET_ERRNO: u32 = 0x0005_0000;
+    /// Offsets in `struct seccomp_data`.
+    const NR: u32 = 0;
+    const ARCH: u32 = 4;
+
+    fn op(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+        libc::sock_filter { code, jt, jf, k }
+    }
+
+    pub fn deny_io_uring_setup() -> [libc::sock_filter; 7] {
+        [
+            op(LD_W_ABS, 0, 0, ARCH),
+            // Another architecture (a 32-bit ABI): leave it alone.
+            op(JEQ_K, 1, 0, AUDIT_ARCH),
+            op(RET_K, 0, 0, RET_ALLOW),
+            op(LD_W_ABS, 0, 0, NR),
+            op(JEQ_K, 0, 1, libc::SYS_io_uring_setup as u32),
+            op(RET_K, 0, 0, RET_ERRNO | libc::EPERM as u32),
+            op(RET_K, 0, 0, RET_ALLOW),
+        ]
+    }
+
+    pub fn install(filter: &[libc::sock_filter]) -> std::io::Result<()> {
+        let prog = libc::sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_ptr() as *mut libc::sock_filter,
+        };
+        // SAFETY: plain system calls; `prog` and the filter it points at
+        // live across them, and the kernel copies the program.
+        unsafe {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::syscall(
+                libc::SYS_seccomp,
+                1, // SECCOMP_SET_MODE_FILTER
+                0,
+                &prog as *const libc::sock_fprog,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
