@@ -176,59 +176,154 @@ fn connections_over_the_limit_get_421() {
     }
 }
 
+/// A server started by hand, for set-ups `Server` cannot do (a seccomp
+/// filter, a low open-files limit): the child, its log so far, and a channel
+/// with the rest.
+struct Raw {
+    child: std::process::Child,
+    lines: Vec<String>,
+    rx: std::sync::mpsc::Receiver<String>,
+}
+
+impl Raw {
+    /// Starts `serve` on 127.0.0.1:0 with `io`; `pre_exec` runs in the child
+    /// between fork and exec (it must only make system calls).
+    fn spawn(
+        name: &str,
+        io: &str,
+        extra: &[&str],
+        pre_exec: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+    ) -> Raw {
+        use std::io::{BufRead, BufReader};
+        use std::os::unix::process::CommandExt;
+        use std::process::{Command, Stdio};
+
+        let dir = server_util::test_dir(name);
+        let mut cmd = Command::new(server_util::BIN);
+        cmd.arg("serve")
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--io",
+                io,
+                "--hostname",
+                "mx.test",
+            ])
+            .arg("--spool")
+            .arg(dir.join("spool"))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: the closures passed here only make async-signal-safe
+        // system calls on memory moved into them.
+        unsafe {
+            cmd.pre_exec(pre_exec);
+        }
+        let mut child = cmd.spawn().expect("start lmtp-ingest");
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Raw {
+            child,
+            lines: Vec::new(),
+            rx,
+        }
+    }
+
+    /// Waits for a log line containing `needle`; `None` if the server exited
+    /// or the time ran out.
+    fn wait_log(&mut self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            let line = self.rx.recv_timeout(left).ok()?;
+            self.lines.push(line.clone());
+            if line.contains(needle) {
+                return Some(line);
+            }
+        }
+        None
+    }
+
+    /// The TCP address from the banner.
+    fn addr(banner: &str) -> String {
+        let at = banner.find("127.0.0.1:").expect("banner names the address");
+        let port: String = banner[at + 10..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        format!("127.0.0.1:{port}")
+    }
+}
+
+impl Drop for Raw {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Runs `serve` with io_uring_setup refused by a seccomp filter (as Docker's
 /// default profile does); returns the start-up banner, or everything the
 /// server wrote before it exited.
 fn serve_without_io_uring(name: &str, io: &str) -> (Option<String>, Vec<String>) {
-    use std::io::{BufRead, BufReader};
-    use std::os::unix::process::CommandExt;
-    use std::process::{Command, Stdio};
-
-    let dir = server_util::test_dir(name);
-    let mut cmd = Command::new(server_util::BIN);
-    cmd.arg("serve")
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--io",
-            io,
-            "--hostname",
-            "mx.test",
-        ])
-        .arg("--spool")
-        .arg(dir.join("spool"))
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
     let filter = seccomp::deny_io_uring_setup();
-    // SAFETY: between fork and exec the closure calls only prctl and
-    // seccomp (async-signal-safe system calls) on memory moved into it.
-    unsafe {
-        cmd.pre_exec(move || seccomp::install(&filter));
-    }
-    let mut child = cmd.spawn().expect("start lmtp-ingest");
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
+    let mut raw = Raw::spawn(name, io, &[], move || seccomp::install(&filter));
+    let banner = raw.wait_log("lmtp-ingest ready", Duration::from_secs(20));
+    (banner, std::mem::take(&mut raw.lines))
+}
+
+#[test]
+fn out_of_descriptors_pauses_accepting_and_resumes() {
+    // 64 descriptors in all: the server's own (spool, listeners, rings,
+    // eventfds) leave room for a few dozen clients. 80 connect; the rest
+    // wait in the listen queue while accepts pause on EMFILE, and are served
+    // once the first ones leave.
+    const CLIENTS: usize = 80;
+    for io in backends() {
+        let mut raw = Raw::spawn(&format!("emfile-{io}"), io, &["--shards", "1"], || {
+            let lim = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            // SAFETY: setrlimit reads a live local struct.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+                return Err(std::io::Error::last_os_error());
             }
+            Ok(())
+        });
+        let banner = raw
+            .wait_log("lmtp-ingest ready", Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("no banner: {:#?}", raw.lines));
+        let addr = Raw::addr(&banner);
+        let streams: Vec<std::net::TcpStream> = (0..CLIENTS)
+            .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+            .collect();
+        assert!(
+            raw.wait_log("pausing accepts", Duration::from_secs(10))
+                .is_some(),
+            "{io}: EMFILE is reported: {:#?}",
+            raw.lines
+        );
+        // Read greetings; every client that got one leaves again, which
+        // frees descriptors for the ones still queued.
+        let mut greeted = 0;
+        for s in streams {
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut c = Client::greet(s)
+                .unwrap_or_else(|e| panic!("{io}: client {greeted} got no greeting: {e}"));
+            c.cmd("QUIT", "221").unwrap();
+            greeted += 1;
         }
-    });
-    let mut lines = Vec::new();
-    let mut banner = None;
-    while let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) {
-        lines.push(line.clone());
-        if line.contains("lmtp-ingest ready") {
-            banner = Some(line);
-            break;
-        }
+        assert_eq!(greeted, CLIENTS);
     }
-    let _ = child.kill();
-    let _ = child.wait();
-    (banner, lines)
 }
 
 #[test]
