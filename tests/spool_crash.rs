@@ -79,7 +79,18 @@ fn kill_9_at_random_moments_loses_no_acknowledged_message() {
     let dir = spool_dir("crash");
     let exe = std::env::current_exe().unwrap();
     let mut acked: HashMap<QueueId, (u64, u32, u32)> = HashMap::new();
-    let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ SystemTime::now().elapsed().map_or(1, |_| 1);
+    // A new seed each run (printed, to replay a failure with SPOOL_CRASH_SEED).
+    let seed = std::env::var("SPOOL_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+                | 1
+        });
+    eprintln!("crash test seed {seed}");
+    let mut rng = seed;
     let started = Instant::now();
     let mut cuts = 0;
     let mut injected = 0;

@@ -28,7 +28,7 @@ struct Cli {
 enum Command {
     /// Run the LMTP server (the default when no command is given).
     Serve(serve::ServeArgs),
-    /// Inspect, verify and export a spool.
+    /// Inspect, verify, export and follow a spool.
     Spool(spool::SpoolArgs),
 }
 

@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand};
 use lmtp_ingest::envelope::{QueueId, ReversePath};
 use lmtp_ingest::spool::export::{Exporter, Format};
+use lmtp_ingest::spool::follow::{Follower, Start};
 use lmtp_ingest::spool::reader::{self, StoredRecord};
-use lmtp_ingest::spool::timefmt;
+use lmtp_ingest::spool::{queue_id_parts, timefmt, watermark};
 
 use super::Outcome;
 
@@ -55,6 +56,36 @@ enum SpoolCommand {
         #[arg(long = "id", value_name = "ID")]
         ids: Vec<String>,
     },
+    /// Stream committed messages for a named consumer, from its saved
+    /// position, saving it as it goes (resumes after a restart).
+    Follow(FollowArgs),
+}
+
+#[derive(Args, Debug)]
+struct FollowArgs {
+    /// The consumer's name (registered on first use; retention keeps what it
+    /// has not read).
+    #[arg(long, value_name = "NAME")]
+    consumer: String,
+    /// Where a new consumer starts.
+    #[arg(long, value_enum, default_value = "beginning")]
+    from: Start,
+    /// Run this shell command for each message (message on stdin; envelope
+    /// in LMTP_QUEUE_ID, LMTP_SENDER, LMTP_RECIPIENTS, LMTP_RECEIVED_AT). The
+    /// position is saved after it exits 0; a failure stops follow (exit 1)
+    /// and the message is offered again next time. Without it, one JSON line
+    /// per message goes to stdout.
+    #[arg(long, value_name = "CMD")]
+    exec: Option<String>,
+    /// Exit once caught up instead of waiting for more.
+    #[arg(long)]
+    exit_when_idle: bool,
+    /// Exit after this many messages.
+    #[arg(long, value_name = "N")]
+    limit: Option<u64>,
+    /// How often to look for new commits when caught up.
+    #[arg(long, value_name = "MS", default_value_t = 50)]
+    poll_ms: u64,
 }
 
 pub fn run(args: SpoolArgs) -> Result<Outcome, String> {
@@ -70,6 +101,7 @@ pub fn run(args: SpoolArgs) -> Result<Outcome, String> {
         SpoolCommand::Show { id } => show(dir, &id),
         SpoolCommand::Verify { json } => verify(dir, json),
         SpoolCommand::Export { format, to, ids } => export(dir, format, &to, &ids),
+        SpoolCommand::Follow(f) => follow(dir, &f),
     }
 }
 
@@ -111,7 +143,7 @@ fn ls(dir: &Path, json: bool) -> Result<Outcome, String> {
     }
     let mut write_err = None;
     for info in segments {
-        reader::scan_segment(&info.path, |_, _, v| {
+        let scanned = reader::scan_segment(&info.path, |_, _, v| {
             if write_err.is_some() {
                 return;
             }
@@ -139,8 +171,12 @@ fn ls(dir: &Path, json: bool) -> Result<Outcome, String> {
             if let Err(err) = r {
                 write_err = Some(err);
             }
-        })
-        .map_err(|e| format!("reading {}: {e}", info.path.display()))?;
+        });
+        match scanned {
+            Ok(_) => {}
+            Err(e) if reader::is_gone(&e) => continue, // removed by retention
+            Err(e) => return Err(format!("reading {}: {e}", info.path.display())),
+        }
         if let Some(e) = write_err.take() {
             return Err(out_err(e));
         }
@@ -228,7 +264,8 @@ struct VerifyReport {
     bytes: u64,
     /// Record bytes, padding included.
     record_bytes: u64,
-    /// Damage: bad records followed by sound ones, or damaged segment headers.
+    /// Damage: bad records followed by sound ones below the committed
+    /// watermark, records out of place, or damaged segment headers.
     corrupt: u64,
     /// Unfinished writes at the end of a segment (never acknowledged; cut by
     /// recovery at the next start).
@@ -243,23 +280,62 @@ fn verify(dir: &Path, json: bool) -> Result<Outcome, String> {
     };
     let segments =
         reader::list_segments(dir).map_err(|e| format!("listing {}: {e}", dir.display()))?;
+    // Per writer stream: the last sequence number seen (they must increase).
+    let mut last_seq: std::collections::HashMap<u16, u64> = std::collections::HashMap::new();
     for info in segments {
-        rep.segments += 1;
-        let scan = reader::scan_segment(&info.path, |_, _, v| {
+        let mut inconsistent = Vec::new();
+        let scanned = reader::scan_segment(&info.path, |offset, _, v| {
             rep.messages += 1;
             rep.recipients += v.header.recipients as u64;
             rep.bytes += v.header.body_len;
-        })
-        .map_err(|e| format!("reading {}: {e}", info.path.display()))?;
+            // The queue id must name this stream and this record's sequence,
+            // and sequences must increase along the stream.
+            let (_, writer, seq) = queue_id_parts(v.header.queue_id);
+            let prev = last_seq.insert(info.id.writer, v.header.seq);
+            if writer != info.id.writer
+                || seq != v.header.seq
+                || prev.is_some_and(|p| p >= v.header.seq)
+            {
+                inconsistent.push(format!(
+                    "{} offset {offset}: record {} (sequence {}) is out of place in this stream",
+                    info.id, v.header.queue_id, v.header.seq
+                ));
+            }
+        });
+        let scan = match scanned {
+            Ok(scan) => scan,
+            Err(e) if reader::is_gone(&e) => continue, // removed by retention
+            Err(e) => return Err(format!("reading {}: {e}", info.path.display())),
+        };
+        rep.segments += 1;
+        rep.corrupt += inconsistent.len() as u64;
+        rep.problems.append(&mut inconsistent);
         rep.record_bytes += scan.record_bytes;
-        if let Err(e) = &scan.header {
-            rep.corrupt += 1;
-            rep.problems
-                .push(format!("{}: damaged segment header: {e}", info.id));
-            continue;
+        match &scan.header {
+            Err(e) => {
+                rep.corrupt += 1;
+                rep.problems
+                    .push(format!("{}: damaged segment header: {e}", info.id));
+                continue;
+            }
+            Ok(h) if h.id != info.id => {
+                rep.corrupt += 1;
+                rep.problems.push(format!(
+                    "{}: header says it is {} (renamed or copied?)",
+                    info.id, h.id
+                ));
+            }
+            Ok(_) => {}
         }
         if let Some((offset, err)) = &scan.invalid {
-            if scan.valid_after_invalid > 0 {
+            // Past the stream's committed watermark a batch may be in the
+            // middle of being written (a server is running): whatever is
+            // there was not acknowledged, so it is a tail, not damage.
+            let uncommitted = watermark::read(dir, info.id.writer)
+                .ok()
+                .flatten()
+                .is_some_and(|wm| (info.id.index, *offset) >= (wm.segment, wm.offset));
+            if scan.valid_after_invalid > 0 && !uncommitted {
                 rep.corrupt += 1;
                 rep.problems.push(format!(
                     "{} offset {offset}: corrupt record ({err}) followed by {} sound records",
@@ -309,8 +385,11 @@ fn export(dir: &Path, format: Format, to: &Path, ids: &[String]) -> Result<Outco
         let segments =
             reader::list_segments(dir).map_err(|e| format!("listing {}: {e}", dir.display()))?;
         for info in segments {
-            let (records, _) = reader::read_segment_records(&info)
-                .map_err(|e| format!("reading {}: {e}", info.path.display()))?;
+            let records = match reader::read_segment_records(&info) {
+                Ok((records, _)) => records,
+                Err(e) if reader::is_gone(&e) => continue, // removed by retention
+                Err(e) => return Err(format!("reading {}: {e}", info.path.display())),
+            };
             for r in &records {
                 ex.export(r).map_err(fail)?;
             }
@@ -332,4 +411,127 @@ fn export(dir: &Path, format: Format, to: &Path, ids: &[String]) -> Result<Outco
         s.skipped
     );
     Ok(Outcome::Ok)
+}
+
+/// Standard base64 (RFC 4648 section 4) with padding.
+fn base64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        s.push(A[(n >> 18) as usize & 63] as char);
+        s.push(A[(n >> 12) as usize & 63] as char);
+        s.push(if c.len() > 1 {
+            A[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        s.push(if c.len() > 2 {
+            A[n as usize & 63] as char
+        } else {
+            '='
+        });
+    }
+    s
+}
+
+#[derive(serde::Serialize)]
+struct FollowLine<'a> {
+    id: String,
+    received_at: String,
+    sender: String,
+    recipients: Vec<String>,
+    client: &'a str,
+    lhlo: &'a str,
+    transaction: String,
+    size: usize,
+    body_base64: String,
+}
+
+fn follow(dir: &Path, args: &FollowArgs) -> Result<Outcome, String> {
+    let mut f = Follower::open(dir, &args.consumer, args.from)
+        .map_err(|e| format!("consumer {}: {e}", args.consumer))?;
+    let stdout = std::io::stdout();
+    let mut count = 0u64;
+    let limit = args.limit.unwrap_or(u64::MAX);
+    while count < limit {
+        let want = (limit - count).min(if args.exec.is_some() { 1 } else { 256 }) as usize;
+        let batch = f
+            .poll(want)
+            .map_err(|e| format!("reading {}: {e}", dir.display()))?;
+        if batch.is_empty() {
+            if args.exit_when_idle {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(args.poll_ms));
+            continue;
+        }
+        for r in &batch {
+            match &args.exec {
+                Some(cmd) => {
+                    if !run_exec(cmd, r)? {
+                        // Not processed: leave its position unsaved.
+                        eprintln!(
+                            "lmtp-ingest: '{cmd}' failed for {}; stopping, it is offered again next time",
+                            r.header.queue_id
+                        );
+                        return Ok(Outcome::Problem);
+                    }
+                }
+                None => {
+                    let e = &r.envelope;
+                    let line = FollowLine {
+                        id: r.header.queue_id.to_string(),
+                        received_at: timefmt::rfc3339_us(r.header.received_at_us),
+                        sender: sender(&e.reverse_path),
+                        recipients: e.recipients.iter().map(|x| x.mailbox.address()).collect(),
+                        client: &e.client.peer,
+                        lhlo: &e.client.lhlo,
+                        transaction: e.transaction.to_string(),
+                        size: r.body.len(),
+                        body_base64: base64(&r.body),
+                    };
+                    let mut out = stdout.lock();
+                    serde_json::to_writer(&mut out, &line).map_err(|e| e.to_string())?;
+                    out.write_all(b"\n").map_err(out_err)?;
+                }
+            }
+        }
+        stdout.lock().flush().map_err(out_err)?;
+        count += batch.len() as u64;
+        // After the output is flushed (or, with --exec, after the one message
+        // of this poll was processed): at-least-once.
+        f.save()
+            .map_err(|e| format!("saving consumer {}: {e}", args.consumer))?;
+    }
+    Ok(Outcome::Ok)
+}
+
+/// Runs `cmd` for one message; true when it exited 0.
+fn run_exec(cmd: &str, r: &StoredRecord) -> Result<bool, String> {
+    let e = &r.envelope;
+    let rcpts: Vec<String> = e.recipients.iter().map(|x| x.mailbox.address()).collect();
+    let mut child = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("LMTP_QUEUE_ID", r.header.queue_id.to_string())
+        .env("LMTP_SENDER", sender(&e.reverse_path))
+        .env("LMTP_RECIPIENTS", rcpts.join(" "))
+        .env(
+            "LMTP_RECEIVED_AT",
+            timefmt::rfc3339_us(r.header.received_at_us),
+        )
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|err| format!("running '{cmd}': {err}"))?;
+    let mut stdin = child.stdin.take().expect("piped");
+    // A command that does not read its input is not an error of ours.
+    let _ = stdin.write_all(&r.body);
+    drop(stdin);
+    let status = child
+        .wait()
+        .map_err(|err| format!("waiting for '{cmd}': {err}"))?;
+    Ok(status.success())
 }

@@ -94,6 +94,33 @@ pub fn tcp(addr: SocketAddr) -> Result<Listener, String> {
     })
 }
 
+/// Binds `addr` without SO_REUSEPORT and releases it: fails if any socket
+/// already holds the port. Returns the address with port 0 resolved.
+fn probe_bind(addr: SocketAddr) -> Result<SocketAddr, String> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)
+        .map_err(|e| format!("listen on {addr}: {e}"))?;
+    let _ = socket.set_reuse_address(true);
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(true);
+    }
+    socket.bind(&addr.into()).map_err(|e| {
+        let hint = match e.raw_os_error() {
+            Some(libc::EADDRINUSE) => {
+                "another process (perhaps another lmtp-ingest) listens there: stop it or choose another port"
+            }
+            Some(libc::EACCES) => "ports below 1024 need root or CAP_NET_BIND_SERVICE",
+            Some(libc::EADDRNOTAVAIL) => "no interface on this machine has that address",
+            _ => "check the address",
+        };
+        format!("listen on {addr}: {e}; {hint}")
+    })?;
+    socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or_else(|| format!("listen on {addr}: cannot read the bound address"))
+}
+
 /// A UNIX listener at `path`, with permissions `mode`. A stale socket file
 /// left by a crash is replaced; a live one (something accepts on it) or a
 /// file that is not a socket is refused.
@@ -146,9 +173,12 @@ pub fn open_all(
     for addr in addrs {
         match addr {
             ListenAddr::Tcp(a) => {
-                // Port 0 asks the kernel for a port: bind once, then give
-                // every other shard that same port.
-                let first = tcp(*a)?;
+                // SO_REUSEPORT would let us share the port with another
+                // server of the same user, silently splitting its traffic
+                // into two spools. A plain bind first refuses a port anyone
+                // holds. It also resolves port 0 for every shard.
+                let probe = probe_bind(*a)?;
+                let first = tcp(probe)?;
                 let mut bound = *a;
                 if let Some(port) = local_port(&first) {
                     bound.set_port(port);
@@ -224,6 +254,14 @@ mod tests {
         let port = local_port(&first).unwrap();
         let second = tcp(format!("127.0.0.1:{port}").parse().unwrap()).unwrap();
         assert_eq!(local_port(&second), Some(port));
+    }
+
+    #[test]
+    fn a_port_held_by_another_server_is_refused() {
+        let other = open_all(&["127.0.0.1:0".parse().unwrap()], 1, 0o600).unwrap();
+        let port = local_port(&other[0][0]).unwrap();
+        let e = open_all(&[format!("127.0.0.1:{port}").parse().unwrap()], 2, 0o600).unwrap_err();
+        assert!(e.contains("another process"), "{e}");
     }
 
     #[test]

@@ -10,9 +10,11 @@
 //! ```
 //!
 //! Parts: [`record`] (bytes of one message), [`segment`] (files, creation),
-//! [`writer`] (group commit), [`recover`] (start-up scan and torn-tail cut),
+//! `writer` (group commit), [`recover`] (start-up scan and torn-tail cut),
 //! [`reader`] (scans for tools), [`lock`] (one server per spool, no tmpfs),
-//! [`fs`] (the storage seam tests inject faults through).
+//! [`fs`] (the storage seam tests inject faults through), [`watermark`] (how
+//! far each stream is committed), [`follow`] (named consumers),
+//! [`retention`], [`export`], [`stats`], [`timefmt`].
 //!
 //! Invariants:
 //! - A `CommitOutcome::Committed` is sent only after the `fdatasync` covering
@@ -23,20 +25,60 @@
 //!   waits on a producer (completion queues are bounded by construction, see
 //!   [`Producer`]).
 //!
+//! Use from a shard thread (non-blocking) and from simple callers:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::SystemTime;
+//! use lmtp_ingest::envelope::{CommitOutcome, Message};
+//! use lmtp_ingest::spool::{Spool, SpoolConfig};
+//!
+//! # fn demo(message: Message, other: Message) -> Result<(), Box<dyn std::error::Error>> {
+//! let (spool, report) = Spool::open(SpoolConfig::new("/var/spool/lmtp-ingest"))?;
+//! println!("{report}");
+//! // A shard: its waker writes to the eventfd its ring watches.
+//! let waker: Arc<dyn Fn() + Send + Sync> = Arc::new(|| { /* eventfd_write(fd, 1) */ });
+//! let shard = spool.producer(Some(waker));
+//! if let Err(rejected) = shard.try_submit(7, message, SystemTime::now()) {
+//!     // Queue full: keep rejected.message, stop reading that socket, retry later.
+//!     drop(rejected);
+//! }
+//! // ...when the eventfd fires:
+//! let mut done = Vec::new();
+//! shard.drain(&mut done);
+//! for (ticket, outcome) in done {
+//!     match outcome {
+//!         CommitOutcome::Committed(id) => { /* 250 2.0.0 ... {id} */ }
+//!         CommitOutcome::Failed => { /* 451 4.3.0 */ }
+//!         CommitOutcome::StorageFull => { /* 452 4.3.1 */ }
+//!     }
+//!     let _ = ticket;
+//! }
+//! // A simple caller:
+//! let mut tool = spool.producer(None);
+//! let outcome = tool.commit(other);
+//! # let _ = outcome;
+//! spool.shutdown(); // commits what is queued, joins the writers
+//! # Ok(()) }
+//! ```
+//!
 //! Queue ids (128 bits, most significant first): 48 bits of Unix time in
 //! milliseconds when the writer built the batch (never going backwards within a
 //! writer), 16 bits of writer number, 64 bits of that writer's record sequence.
 //! Unique because (writer, sequence) is; sortable by time as text.
 
 pub mod export;
+pub mod follow;
 pub mod fs;
 pub mod lock;
 pub mod reader;
 pub mod record;
 pub mod recover;
+pub mod retention;
 pub mod segment;
 pub mod stats;
 pub mod timefmt;
+pub mod watermark;
 mod writer;
 
 use std::collections::VecDeque;
@@ -63,7 +105,7 @@ pub struct SpoolConfig {
     /// Size of each preallocated segment file. A record larger than this gets
     /// a segment of its own size.
     pub segment_bytes: u64,
-    /// A batch stops growing at this many bytes of records...
+    /// A batch stops growing once its message bodies reach this many bytes...
     pub batch_bytes_max: usize,
     /// ...or this many messages.
     pub batch_messages_max: usize,
@@ -77,13 +119,18 @@ pub struct SpoolConfig {
     /// Submissions one producer may have without a drained outcome; bounds its
     /// completion queue.
     pub producer_inflight_max: usize,
-    /// Spool size cap in bytes (segment files); beyond it new mail gets
-    /// `StorageFull`. `None`: limited only by the disk.
+    /// Spool size cap in bytes of segment files (each writer's prepared
+    /// spare included); a new segment that would pass it is not made, and
+    /// the mail that needed it gets `StorageFull`. `None`: only the disk.
     pub spool_bytes_max: Option<u64>,
     /// With no consumer registered, segments older than this are removed.
     pub retention_age_max: Option<Duration>,
     /// How often a full spool looks again for space, and retention runs.
     pub maintenance_interval: Duration,
+    /// Prepare each writer's next segment on a helper thread ahead of need
+    /// (costs one segment of disk per writer). Off: made when needed, inside
+    /// the batch that needs it.
+    pub segment_prepare_ahead: bool,
     /// Accept a spool on tmpfs/ramfs (not durable: tests only).
     pub allow_tmpfs: bool,
     /// The file operations (tests inject faults here).
@@ -108,6 +155,7 @@ impl SpoolConfig {
             spool_bytes_max: None,
             retention_age_max: None,
             maintenance_interval: Duration::from_secs(1),
+            segment_prepare_ahead: true,
             allow_tmpfs: false,
             storage: Arc::new(fs::RealStorage),
         }
@@ -126,6 +174,13 @@ impl SpoolConfig {
         }
         if self.queue_depth_max == 0 || self.producer_inflight_max == 0 {
             return bad("queue_depth_max and producer_inflight_max must be at least 1");
+        }
+        if self
+            .retention_age_max
+            .is_some_and(|a| a < Duration::from_secs(1))
+        {
+            // Shorter than a batch could take to write and sync.
+            return bad("retention_age_max must be at least 1 second");
         }
         Ok(())
     }
@@ -240,6 +295,8 @@ pub(crate) struct Shared {
     pub spool_bytes: AtomicU64,
     /// Per writer: refusing work until space returns.
     pub full: Vec<AtomicBool>,
+    /// Segments removed by retention so far.
+    pub retention_removed: AtomicU64,
     maintenance_stop: (Mutex<bool>, Condvar),
 }
 
@@ -290,13 +347,21 @@ impl Spool {
                 .map(|_| AtomicBool::new(false))
                 .collect(),
             spool_bytes: AtomicU64::new(recovered.spool_bytes),
+            retention_removed: AtomicU64::new(0),
             config,
             senders,
             closed: RwLock::new(false),
             next_producer: AtomicUsize::new(0),
             maintenance_stop: (Mutex::new(false), Condvar::new()),
         });
-        let mut writers = Vec::new();
+        // Built first, so that a failure below stops (through Drop) the
+        // writers already started instead of leaving them blocked forever.
+        let mut spool = Spool {
+            shared: shared.clone(),
+            writers: Vec::new(),
+            maintenance: None,
+            _lock: lock,
+        };
         for (i, rx) in receivers.into_iter().enumerate() {
             let w = writer::Writer::new(
                 i as u16,
@@ -308,27 +373,21 @@ impl Spool {
                 .name(format!("spool-writer-{i}"))
                 .spawn(move || w.run())
                 .map_err(|e| SpoolError::io("spawn writer thread", e))?;
-            writers.push(handle);
+            spool.writers.push(handle);
         }
         let maint_shared = shared.clone();
         let maintenance = std::thread::Builder::new()
             .name("spool-maintenance".into())
             .spawn(move || maintenance_loop(&maint_shared))
             .map_err(|e| SpoolError::io("spawn maintenance thread", e))?;
-        Ok((
-            Spool {
-                shared,
-                writers,
-                maintenance: Some(maintenance),
-                _lock: lock,
-            },
-            recovered.report,
-        ))
+        spool.maintenance = Some(maintenance);
+        Ok((spool, recovered.report))
     }
 
     /// Registers a producer. `waker` (if any) is called after new outcomes are
-    /// queued for it, from a writer thread: it must be quick and must not
-    /// block (write to an eventfd, unpark a thread).
+    /// queued for it, once per batch, from a writer thread: it must be quick,
+    /// must not block and must not panic (write to an eventfd, unpark a
+    /// thread).
     pub fn producer(&self, waker: Option<Arc<dyn Fn() + Send + Sync>>) -> Producer {
         let id = self.shared.next_producer.fetch_add(1, Ordering::Relaxed);
         Producer {
@@ -349,14 +408,21 @@ impl Spool {
     }
 
     /// True while any writer refuses work for lack of space (or the size cap):
-    /// a session can answer `452 4.3.1` before taking the data.
+    /// a session can answer `452 4.3.1` before taking the data. Cleared when a
+    /// batch commits again, or when the periodic check (every
+    /// `maintenance_interval`) sees room for a segment per writer on the file
+    /// system and under the cap; if the next batch still fails (a quota, say),
+    /// it is set again.
     pub fn is_storage_full(&self) -> bool {
         self.shared.full.iter().any(|f| f.load(Ordering::Relaxed))
     }
 
     /// Counters of every writer so far.
     pub fn stats(&self) -> SpoolStats {
-        SpoolStats::collect(&self.shared.stats)
+        let mut s = SpoolStats::collect(&self.shared.stats);
+        s.segments_removed = self.shared.retention_removed.load(Ordering::Relaxed);
+        s.spool_bytes = self.shared.spool_bytes.load(Ordering::Relaxed);
+        s
     }
 
     /// Stops taking submissions, commits everything already queued, and joins
@@ -419,11 +485,26 @@ fn maintenance_loop(shared: &Shared) {
     }
 }
 
-/// Periodic work off the hot path: clear the storage-full flags once there is
+/// Periodic work off the hot path: retention, then clear the storage-full
+/// flags once there is
 /// room for a new segment again, so sessions that check
 /// [`Spool::is_storage_full`] before taking data resume. (A full writer also
 /// tries again by itself when a batch comes, at most once per interval.)
 fn run_maintenance(shared: &Shared) {
+    let cfg = &shared.config;
+    // A failed pass (an unreadable consumer file, say) removes nothing and
+    // is tried again next interval.
+    if let Ok(rep) = retention::run(
+        &cfg.dir,
+        cfg.storage.as_ref(),
+        cfg.retention_age_max,
+        SystemTime::now(),
+    ) {
+        shared.spool_bytes.fetch_sub(rep.bytes, Ordering::Relaxed);
+        shared
+            .retention_removed
+            .fetch_add(rep.removed.len() as u64, Ordering::Relaxed);
+    }
     if shared.full.iter().any(|f| f.load(Ordering::Relaxed)) && has_room(shared) {
         for f in &shared.full {
             f.store(false, Ordering::Relaxed);
@@ -507,8 +588,18 @@ impl Producer {
         received_at: SystemTime,
         block: bool,
     ) -> Result<(), Rejected> {
-        let closed = self.shared.closed.read().unwrap_or_else(|e| e.into_inner());
-        if *closed {
+        // The non-blocking path must not wait even for shutdown: the lock is
+        // only ever contended by a shutdown in progress, so "busy" = closed.
+        let closed = if block {
+            Some(self.shared.closed.read().unwrap_or_else(|e| e.into_inner()))
+        } else {
+            match self.shared.closed.try_read() {
+                Ok(g) => Some(g),
+                Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            }
+        };
+        if closed.as_deref().is_none_or(|c| *c) {
             return Err(Rejected {
                 message,
                 reason: RejectReason::Closed,
@@ -605,6 +696,7 @@ impl Producer {
 
     /// Submits one message and waits for its outcome (other outcomes stay
     /// queued). For simple callers; a shard uses `try_submit` and `drain`.
+    /// Uses tickets from 2^63 up: do not mix with `submit` tickets that high.
     pub fn commit(&mut self, message: Message) -> CommitOutcome {
         let ticket = self.next_ticket;
         self.next_ticket = self.next_ticket.wrapping_add(1);
@@ -625,5 +717,26 @@ impl Producer {
             }
             q = self.me.ready.wait(q).unwrap_or_else(|e| e.into_inner());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_can_move_to_shard_and_metrics_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Spool>();
+        send_sync::<Producer>();
+        send_sync::<SpoolConfig>();
+    }
+
+    #[test]
+    fn queue_id_parts_round_trip_and_sort_by_time() {
+        let a = queue_id_from_parts(1_795_253_400_000, 3, 42);
+        assert_eq!(queue_id_parts(a), (1_795_253_400_000, 3, 42));
+        let b = queue_id_from_parts(1_795_253_400_001, 0, 0);
+        assert!(a < b && a.to_string() < b.to_string());
     }
 }

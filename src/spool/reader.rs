@@ -32,7 +32,12 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<SegmentInfo>> {
         let Some(id) = name.to_str().and_then(SegmentId::parse_file_name) else {
             continue;
         };
-        let len = entry.metadata()?.len();
+        // Retention may remove a segment between the listing and this look.
+        let len = match entry.metadata() {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
         out.push(SegmentInfo {
             id,
             path: entry.path(),
@@ -106,10 +111,11 @@ pub fn scan_segment(
         valid_after_invalid: 0,
         nonzero_end: SEGMENT_HEADER_LEN,
     };
-    if header.is_err() {
+    // A damaged header is reported through `header`; the records after it
+    // are still read (their sequence numbers and ids must not be reused).
+    if bytes.len() < SEGMENT_HEADER_LEN as usize {
         scan.end = 0;
         scan.nonzero_end = bytes.len() as u64;
-        scan.invalid = Some((0, RecordError::Magic([0; 4])));
         return Ok(scan);
     }
     let mut at = SEGMENT_HEADER_LEN as usize;
@@ -155,6 +161,12 @@ pub fn scan_segment(
         None => at as u64,
     };
     Ok(scan)
+}
+
+/// True for the error of reading a segment that retention removed after it
+/// was listed: callers skip it.
+pub fn is_gone(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound
 }
 
 /// Every sound record of a segment, owned.
@@ -226,7 +238,11 @@ pub fn read_all(dir: &Path) -> io::Result<(Vec<StoredRecord>, SegmentScans)> {
     let mut records = Vec::new();
     let mut scans = Vec::new();
     for info in list_segments(dir)? {
-        let (mut r, scan) = read_segment_records(&info)?;
+        let (mut r, scan) = match read_segment_records(&info) {
+            Ok(x) => x,
+            Err(e) if is_gone(&e) => continue,
+            Err(e) => return Err(e),
+        };
         records.append(&mut r);
         scans.push((info, scan));
     }
@@ -242,7 +258,7 @@ pub fn find(dir: &Path, id: crate::envelope::QueueId) -> io::Result<Option<Store
         .filter(|s| s.id.writer == writer)
     {
         let mut found = None;
-        scan_segment(&info.path, |offset, len, v| {
+        let scanned = scan_segment(&info.path, |offset, len, v| {
             if found.is_none() && v.header.queue_id == id {
                 found = Some(StoredRecord {
                     segment: info.id,
@@ -253,7 +269,12 @@ pub fn find(dir: &Path, id: crate::envelope::QueueId) -> io::Result<Option<Store
                     body: v.body.to_vec(),
                 });
             }
-        })?;
+        });
+        match scanned {
+            Ok(_) => {}
+            Err(e) if is_gone(&e) => continue,
+            Err(e) => return Err(e),
+        }
         if found.is_some() {
             return Ok(found);
         }

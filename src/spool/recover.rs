@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use super::fs::Storage;
 use super::reader::{self, SegmentInfo};
 use super::segment::{PREP_SUFFIX, SegmentHeader, SegmentId};
+use super::watermark::{self, Watermark, WatermarkFile};
 use super::{SpoolError, queue_id_parts};
 
 /// What recovery found and did.
@@ -177,6 +178,18 @@ pub(crate) fn recover(dir: &Path, storage: &dyn Storage) -> Result<Recovered, Sp
             });
         }
         stream.last = Some((info.clone(), scan.end, header));
+    }
+    // What survived is what followers may read, up to each stream's end.
+    for (writer, stream) in &streams {
+        if let Some((info, end, _)) = &stream.last {
+            let w = Watermark {
+                segment: info.id.index,
+                offset: *end,
+            };
+            WatermarkFile::open(dir, *writer)
+                .and_then(|f| f.publish(w))
+                .map_err(io(format!("write {}", watermark::file_name(*writer))))?;
+        }
     }
     Ok(Recovered {
         report,

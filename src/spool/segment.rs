@@ -6,6 +6,8 @@
 //! extents whose first write would be a metadata change), given its header,
 //! `fsync`ed, renamed to its final name, and then the directory is `fsync`ed.
 //! Only then may a record be written into it. Writes never grow the file.
+//! The first part (prepare) is slow and runs ahead of need on a helper
+//! thread; the second (install: rename, directory fsync) is quick.
 //!
 //! Must not: write records (that is the writer's job) or read them (reader).
 
@@ -161,18 +163,27 @@ impl OpenSegment {
     }
 }
 
-/// Creates segment `id` of `capacity` bytes in `dir`, zero-filled and synced,
-/// with its directory entry synced. On any error the partial file is removed
-/// (best effort) and nothing under the final name exists.
-pub fn create_segment(
+/// A segment zero-filled and synced under its `.prep` name: complete, but not
+/// yet visible to recovery, readers or followers.
+pub struct PreparedSegment {
+    pub id: SegmentId,
+    pub capacity: u64,
+    prep: PathBuf,
+    file: Box<dyn StorageFile>,
+}
+
+/// Steps 1-3 of making a segment: create `.prep`, zero-fill it to `capacity`,
+/// write the header, `fsync`. Slow (it writes `capacity` bytes), so writers
+/// run it ahead of need on another thread. On error the `.prep` file is
+/// removed (best effort).
+pub fn prepare_segment(
     storage: &dyn Storage,
     dir: &Path,
     id: SegmentId,
     capacity: u64,
-) -> io::Result<OpenSegment> {
+) -> io::Result<PreparedSegment> {
     assert!(capacity > SEGMENT_HEADER_LEN);
     let prep = dir.join(id.prep_name());
-    let path = dir.join(id.file_name());
     let result = (|| {
         let mut file = storage.create(&prep)?;
         let zeros = vec![0u8; ZERO_CHUNK_BYTES];
@@ -190,23 +201,64 @@ pub fn create_segment(
         file.write_all_at(&header.encode(), 0)?;
         // fsync, not fdatasync: the file size is metadata we rely on.
         file.sync_all()?;
-        storage.rename(&prep, &path)?;
-        storage.sync_dir(dir)?;
         Ok(file)
     })();
     match result {
-        Ok(file) => Ok(OpenSegment {
+        Ok(file) => Ok(PreparedSegment {
             id,
-            path,
-            file,
             capacity,
-            write_offset: SEGMENT_HEADER_LEN,
+            prep,
+            file,
         }),
         Err(e) => {
             let _ = storage.remove(&prep);
             Err(e)
         }
     }
+}
+
+/// Steps 4-5: rename to the final name and `fsync` the directory. Only after
+/// this may a record be written into it.
+pub fn install_segment(
+    storage: &dyn Storage,
+    dir: &Path,
+    p: PreparedSegment,
+) -> io::Result<OpenSegment> {
+    let path = dir.join(p.id.file_name());
+    let result = storage
+        .rename(&p.prep, &path)
+        .and_then(|_| storage.sync_dir(dir));
+    if let Err(e) = result {
+        // Whichever name it has now, it holds no record: remove it.
+        let _ = storage.remove(&p.prep);
+        let _ = storage.remove(&path);
+        return Err(e);
+    }
+    Ok(OpenSegment {
+        id: p.id,
+        path,
+        file: p.file,
+        capacity: p.capacity,
+        write_offset: SEGMENT_HEADER_LEN,
+    })
+}
+
+/// Removes a prepared segment that will not be used.
+pub fn discard_segment(storage: &dyn Storage, p: PreparedSegment) {
+    let _ = storage.remove(&p.prep);
+}
+
+/// Creates segment `id` of `capacity` bytes in `dir`, zero-filled and synced,
+/// with its directory entry synced ([`prepare_segment`] then
+/// [`install_segment`]). On any error nothing under the final name exists.
+pub fn create_segment(
+    storage: &dyn Storage,
+    dir: &Path,
+    id: SegmentId,
+    capacity: u64,
+) -> io::Result<OpenSegment> {
+    let p = prepare_segment(storage, dir, id, capacity)?;
+    install_segment(storage, dir, p)
 }
 
 #[cfg(test)]

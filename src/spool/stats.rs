@@ -24,6 +24,8 @@ pub struct WriterStats {
     pub fsync_ns_max: AtomicU64,
     pub batch_messages_max: AtomicU64,
     pub segments_created: AtomicU64,
+    /// Watermark updates that failed (followers lag; nothing is lost).
+    pub watermark_errors: AtomicU64,
     pub batch_histogram: [AtomicU64; BATCH_HISTOGRAM_BUCKETS],
 }
 
@@ -62,6 +64,11 @@ pub struct SpoolStats {
     pub fsync_ns_max: u64,
     pub batch_messages_max: u64,
     pub segments_created: u64,
+    pub watermark_errors: u64,
+    /// Segments removed by retention (spool-wide).
+    pub segments_removed: u64,
+    /// Bytes of segment files now (spool-wide).
+    pub spool_bytes: u64,
     pub batch_histogram: [u64; BATCH_HISTOGRAM_BUCKETS],
 }
 
@@ -80,6 +87,7 @@ impl SpoolStats {
             s.fsync_ns_max = s.fsync_ns_max.max(ld(&w.fsync_ns_max));
             s.batch_messages_max = s.batch_messages_max.max(ld(&w.batch_messages_max));
             s.segments_created += ld(&w.segments_created);
+            s.watermark_errors += ld(&w.watermark_errors);
             for (a, b) in s.batch_histogram.iter_mut().zip(&w.batch_histogram) {
                 *a += ld(b);
             }

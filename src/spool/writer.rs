@@ -21,14 +21,16 @@
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, TryRecvError};
 
 use super::record;
 use super::recover::{self, StreamEnd};
-use super::segment::{self, OpenSegment, SEGMENT_HEADER_LEN, SegmentId};
+use super::segment::{self, OpenSegment, PreparedSegment, SEGMENT_HEADER_LEN, SegmentId};
 use super::stats::WriterStats;
+use super::watermark::{Watermark, WatermarkFile};
 use super::{Job, Shared, SpoolError, WriterMsg, queue_id_from_parts};
 use crate::envelope::CommitOutcome;
 
@@ -64,6 +66,9 @@ pub(crate) struct Writer {
     last_submitted: Option<Instant>,
     /// Messages found waiting when the previous batch was gathered.
     previous_batch_len: usize,
+    watermark: Option<WatermarkFile>,
+    /// The next segment, being prepared on a helper thread (its capacity).
+    spare: Option<(u64, JoinHandle<io::Result<PreparedSegment>>)>,
 }
 
 impl Writer {
@@ -90,6 +95,9 @@ impl Writer {
                 });
             }
         }
+        // Recovery has already published the stream's recovered end.
+        let watermark = WatermarkFile::open(&shared.config.dir, id)
+            .map_err(|e| SpoolError::io("open the committed watermark file", e))?;
         Ok(Writer {
             id,
             stats: shared.stats[id as usize].clone(),
@@ -104,6 +112,8 @@ impl Writer {
             gap_ewma_ns: u64::MAX / 2,
             last_submitted: None,
             previous_batch_len: 0,
+            watermark: Some(watermark),
+            spare: None,
         })
     }
 
@@ -117,6 +127,19 @@ impl Writer {
     }
 
     pub(crate) fn run(mut self) {
+        // A panic here is a broken invariant (a record that does not read
+        // back, say). Its batch's producers would wait forever for outcomes,
+        // so stop the whole process instead: the MTAs retry, recovery runs.
+        struct AbortOnPanic;
+        impl Drop for AbortOnPanic {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    eprintln!("lmtp-ingest: spool writer hit a broken invariant; aborting");
+                    std::process::abort();
+                }
+            }
+        }
+        let _guard = AbortOnPanic;
         let cfg = self.shared.config.clone();
         let mut batch: Vec<Job> = Vec::with_capacity(cfg.batch_messages_max.min(4096));
         let mut stopping = false;
@@ -171,6 +194,15 @@ impl Writer {
             }
             self.previous_batch_len = batch.len();
             self.commit(&mut batch);
+            // One huge message must not pin its buffer for the writer's life.
+            if self.buf.capacity() > 2 * cfg.batch_bytes_max.max(1 << 20) {
+                self.buf = Vec::new();
+            }
+        }
+        // A spare that will not be used: leave no `.prep` file behind.
+        if let Some(p) = self.take_spare() {
+            self.unreserve(p.capacity);
+            segment::discard_segment(self.shared.config.storage.as_ref(), p);
         }
     }
 
@@ -192,6 +224,7 @@ impl Writer {
             Ok(()) => {
                 self.full_retry_at = None;
                 flag.store(false, Ordering::Relaxed);
+                self.prepare_spare();
             }
             Err(Fail::Full) => {
                 if !refusing {
@@ -229,23 +262,67 @@ impl Writer {
 
     /// Encodes, writes and syncs the batch. On `Ok`, `outcomes` holds
     /// `Committed` for every record written (or `Failed` for a message that
-    /// cannot be a record). On `Err`, the segment has been abandoned.
+    /// cannot be a record) and the watermark moved. On `Err`, the segments
+    /// touched are abandoned and what this batch wrote into them is zeroed,
+    /// best effort, so that no reader sees its records.
     fn write_batch(
         &mut self,
         batch: &[Job],
         outcomes: &mut [Option<CommitOutcome>],
     ) -> Result<(), Fail> {
-        let mut seg = match self.segment.take() {
+        let first = match self.segment.take() {
             Some(s) => s,
             None => self.new_segment(0)?,
         };
+        let start = first.write_offset;
+        // Each segment this batch writes into, with where the batch began in it.
+        let mut segs = vec![(first, start)];
+        match self.write_into(&mut segs, batch, outcomes) {
+            Ok(()) => {
+                let (seg, _) = segs.pop().expect("at least one segment");
+                let w = Watermark {
+                    segment: seg.id.index,
+                    offset: seg.write_offset,
+                };
+                // Only informs live followers (see watermark.rs); a failure
+                // makes them lag, it loses nothing.
+                if let Some(f) = &self.watermark
+                    && f.publish(w).is_err()
+                {
+                    self.stats.add(&self.stats.watermark_errors, 1);
+                }
+                self.segment = Some(seg);
+                Ok(())
+            }
+            Err(fail) => {
+                for (seg, from) in &mut segs {
+                    let mut at = *from;
+                    let zeros = [0u8; 64 << 10];
+                    while at < seg.write_offset {
+                        let n = (seg.write_offset - at).min(zeros.len() as u64) as usize;
+                        if seg.file.write_all_at(&zeros[..n], at).is_err() {
+                            break;
+                        }
+                        at += n as u64;
+                    }
+                }
+                Err(fail)
+            }
+        }
+    }
+
+    fn write_into(
+        &mut self,
+        segs: &mut Vec<(OpenSegment, u64)>,
+        batch: &[Job],
+        outcomes: &mut [Option<CommitOutcome>],
+    ) -> Result<(), Fail> {
         let now_ms = segment::unix_ms(SystemTime::now());
         let ms = now_ms.max(self.last_ms);
         self.last_ms = ms;
         self.buf.clear();
-        // File offset of buf[0] in `seg`.
-        let mut base = seg.write_offset;
-        let mut rotated: Vec<OpenSegment> = Vec::new();
+        // File offset of buf[0] in the last segment of `segs`.
+        let mut base = segs.last().expect("one segment").0.write_offset;
         let mut records = 0u64;
         for (job, slot) in batch.iter().zip(outcomes.iter_mut()) {
             let start = self.buf.len();
@@ -262,66 +339,133 @@ impl Writer {
                         continue;
                     }
                 };
-            if base + self.buf.len() as u64 > seg.capacity {
+            let capacity = segs.last().expect("one segment").0.capacity;
+            if base + self.buf.len() as u64 > capacity {
                 // This record does not fit: write what precedes it, seal the
                 // segment (synced below, before any outcome), start another.
                 if start > 0 {
+                    let seg = &mut segs.last_mut().expect("one segment").0;
+                    seg.write_offset = base + start as u64;
                     seg.file
                         .write_all_at(&self.buf[..start], base)
                         .map_err(|e| classify(&e))?;
-                    seg.write_offset = base + start as u64;
                 }
                 let fresh = self.new_segment(SEGMENT_HEADER_LEN + len as u64)?;
-                rotated.push(std::mem::replace(&mut seg, fresh));
+                base = fresh.write_offset;
+                segs.push((fresh, base));
                 self.buf.drain(..start);
-                base = seg.write_offset;
             }
-            debug_assert!(base + self.buf.len() as u64 <= seg.capacity);
             *slot = Some(CommitOutcome::Committed(id));
             self.next_seq += 1;
             records += 1;
         }
-        if records == 0 && rotated.is_empty() {
-            self.segment = Some(seg);
+        if records == 0 {
             return Ok(());
         }
+        let seg = &mut segs.last_mut().expect("one segment").0;
+        assert!(base + self.buf.len() as u64 <= seg.capacity);
         if !self.buf.is_empty() {
+            seg.write_offset = base + self.buf.len() as u64;
             seg.file
                 .write_all_at(&self.buf, base)
                 .map_err(|e| classify(&e))?;
         }
-        for s in rotated.iter_mut().chain(std::iter::once(&mut seg)) {
+        for (s, _) in segs.iter_mut() {
             let t = Instant::now();
             s.file.sync_data().map_err(|e| classify(&e))?;
             self.stats.record_fsync(t.elapsed().as_nanos() as u64);
         }
-        seg.write_offset = base + self.buf.len() as u64;
         self.stats
             .add(&self.stats.bytes_written, self.buf.len() as u64);
-        self.segment = Some(seg);
         Ok(())
     }
 
-    /// Creates the next segment of this stream, at least `min_bytes` large.
-    fn new_segment(&mut self, min_bytes: u64) -> Result<OpenSegment, Fail> {
-        let cfg = &self.shared.config;
-        let capacity = cfg.segment_bytes.max(min_bytes.div_ceil(4096) * 4096);
-        if let Some(cap) = cfg.spool_bytes_max {
+    /// Takes the next index for a segment of `capacity` bytes and counts it
+    /// against the size cap.
+    fn reserve(&mut self, capacity: u64) -> Result<SegmentId, Fail> {
+        if let Some(cap) = self.shared.config.spool_bytes_max {
             let used = self.shared.spool_bytes.load(Ordering::Relaxed);
             if cap.saturating_sub(used) < capacity {
                 return Err(Fail::Full);
             }
         }
+        self.shared
+            .spool_bytes
+            .fetch_add(capacity, Ordering::Relaxed);
         let id = SegmentId {
             writer: self.id,
             index: self.next_index,
         };
         self.next_index += 1;
-        let seg = segment::create_segment(cfg.storage.as_ref(), &cfg.dir, id, capacity)
-            .map_err(|e| classify(&e))?;
+        Ok(id)
+    }
+
+    fn unreserve(&self, capacity: u64) {
         self.shared
             .spool_bytes
-            .fetch_add(capacity, Ordering::Relaxed);
+            .fetch_sub(capacity, Ordering::Relaxed);
+    }
+
+    /// Starts preparing the next segment on a helper thread, so a rotation
+    /// costs a rename and a directory fsync instead of writing a whole
+    /// segment of zeros in the middle of a batch.
+    fn prepare_spare(&mut self) {
+        if !self.shared.config.segment_prepare_ahead || self.spare.is_some() {
+            return;
+        }
+        let capacity = self.shared.config.segment_bytes;
+        let Ok(id) = self.reserve(capacity) else {
+            return; // at the size cap: no spare
+        };
+        let storage = self.shared.config.storage.clone();
+        let dir = self.shared.config.dir.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("spool-prep-{}", self.id))
+            .spawn(move || segment::prepare_segment(storage.as_ref(), &dir, id, capacity));
+        match spawned {
+            Ok(h) => self.spare = Some((capacity, h)),
+            Err(_) => self.unreserve(capacity),
+        }
+    }
+
+    /// Waits for the spare (if any) and returns it, or `None` if it failed.
+    fn take_spare(&mut self) -> Option<PreparedSegment> {
+        let (capacity, h) = self.spare.take()?;
+        match h.join() {
+            Ok(Ok(p)) => Some(p),
+            Ok(Err(_)) | Err(_) => {
+                self.unreserve(capacity);
+                None
+            }
+        }
+    }
+
+    /// Creates the next segment of this stream, at least `min_bytes` large:
+    /// the prepared spare when it is large enough, else made here.
+    fn new_segment(&mut self, min_bytes: u64) -> Result<OpenSegment, Fail> {
+        let cfg = self.shared.config.clone();
+        let capacity = cfg.segment_bytes.max(min_bytes.div_ceil(4096) * 4096);
+        if let Some(p) = self.take_spare() {
+            if p.capacity >= capacity {
+                let cap = p.capacity;
+                let seg =
+                    segment::install_segment(cfg.storage.as_ref(), &cfg.dir, p).map_err(|e| {
+                        self.unreserve(cap);
+                        classify(&e)
+                    })?;
+                self.stats.add(&self.stats.segments_created, 1);
+                return Ok(seg);
+            }
+            // Too small for this record: a larger one is made below.
+            self.unreserve(p.capacity);
+            segment::discard_segment(cfg.storage.as_ref(), p);
+        }
+        let id = self.reserve(capacity)?;
+        let seg =
+            segment::create_segment(cfg.storage.as_ref(), &cfg.dir, id, capacity).map_err(|e| {
+                self.unreserve(capacity);
+                classify(&e)
+            })?;
         self.stats.add(&self.stats.segments_created, 1);
         Ok(seg)
     }

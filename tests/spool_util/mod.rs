@@ -75,11 +75,26 @@ pub fn message(a: u64, b: u32, n: u32, body_len: usize) -> Message {
     }
 }
 
-/// A fresh, empty directory under target/ (a real disk).
+/// A fresh, empty directory under target/ (a real disk). Directories left by
+/// earlier test processes that have exited are removed first.
 pub fn spool_dir(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join("spool-tests")
-        .join(format!("{name}-{}", std::process::id()));
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("spool-tests");
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for e in entries.flatten() {
+            let file_name = e.file_name();
+            let Some(pid) = file_name
+                .to_str()
+                .and_then(|n| n.rsplit_once('-'))
+                .and_then(|(_, pid)| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let dir = root.join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir

@@ -1,0 +1,234 @@
+//! A simulated power cut at the block level. The spool runs on an ext4 image
+//! mounted through a loop device; at random moments the test copies the
+//! image file. The copy holds exactly what the loop device had been given
+//! (data still in the spool file system's page cache is not in it), so each
+//! copy is what the disk would hold if the power failed at that moment.
+//! Each copy is then checked with e2fsck (journal replay), mounted, and
+//! recovered: every message acknowledged before the copy began must be there,
+//! byte-identical, and no torn record may remain.
+//!
+//! Unlike the kill -9 test, this catches a missing fdatasync or directory
+//! fsync: SIGKILL keeps the page cache, a power cut does not. (Checked by
+//! hand: with the batch fdatasync removed it fails every run; with the
+//! directory fsync after a rename removed, the one-writer case fails in most.) (The copy is
+//! not instantaneous, so it also captures some writes made while it ran,
+//! like a disk that wrote some unsynced blocks before the power went.)
+//! Needs root, mkfs.ext4, e2fsck and loop mounts; otherwise it says why and
+//! passes without checking.
+
+mod spool_util;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use lmtp_ingest::envelope::{CommitOutcome, QueueId};
+use lmtp_ingest::spool::{Spool, reader};
+use spool_util::{config, message};
+
+/// Unmounts what it names, then removes the test's directory (images
+/// included) when dropped, also when the test fails.
+struct Cleanup {
+    mounts: Vec<PathBuf>,
+    base: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for m in self.mounts.iter().rev() {
+            let _ = Command::new("umount").arg(m).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.base);
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<std::process::ExitStatus, String> {
+    let o = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if o.status.success() {
+        Ok(o.status)
+    } else {
+        Err(format!(
+            "{cmd:?}: {} {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// (acknowledged at, id, producer, n)
+type Ack = (Instant, QueueId, u32, u32);
+
+fn body_len(t: u32, n: u32) -> usize {
+    100 + (t as usize * 997 + n as usize * 331) % 12_000
+}
+
+#[test]
+fn power_cut_copies_of_the_disk_keep_every_acknowledged_message() {
+    power_cuts("ahead", true);
+}
+
+/// One writer, segments made inside the batch that needs them: here a
+/// missing directory fsync after a segment's rename is not hidden by another
+/// file's fsync (on ext4 any fsync commits the journal, a pending rename
+/// included), so this case catches it.
+#[test]
+fn power_cut_copies_with_one_writer_and_segments_made_on_demand() {
+    power_cuts("on-demand", false);
+}
+
+fn power_cuts(name: &str, prepare_ahead: bool) {
+    if !is_root() {
+        eprintln!("skipped: loop mounts need root");
+        return;
+    }
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("powercut-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let image = base.join("disk.img");
+    let mnt = base.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mut cleanup = Cleanup {
+        mounts: Vec::new(),
+        base: base.clone(),
+    };
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(48 << 20)
+        .unwrap();
+    if let Err(e) = run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image)) {
+        eprintln!("skipped: cannot make an ext4 image ({e})");
+        return;
+    }
+    if let Err(e) = run(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&image)
+        .arg(&mnt))
+    {
+        eprintln!("skipped: cannot loop-mount an image here ({e})");
+        return;
+    }
+    cleanup.mounts.push(mnt.clone());
+
+    let dir = mnt.join("spool");
+    let mut cfg = config(&dir);
+    cfg.writers = if prepare_ahead { 2 } else { 1 };
+    cfg.segment_prepare_ahead = prepare_ahead;
+    let (spool, _) = Spool::open(cfg).unwrap();
+    let acks: Arc<Mutex<Vec<Ack>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut producers = Vec::new();
+    for t in 0..4u32 {
+        let p = spool.producer(None);
+        let acks = acks.clone();
+        let stop = stop.clone();
+        producers.push(std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                while p.in_flight() < 4 {
+                    p.submit(
+                        n as u64,
+                        message(61, t, n, body_len(t, n)),
+                        SystemTime::now(),
+                    )
+                    .unwrap();
+                    n += 1;
+                }
+                if let Some((ticket, CommitOutcome::Committed(id))) =
+                    p.wait_completion(Duration::from_secs(5))
+                {
+                    acks.lock()
+                        .unwrap()
+                        .push((Instant::now(), id, t, ticket as u32));
+                }
+            }
+        }));
+    }
+    let mut snapshots = Vec::new();
+    let mut rng = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(7, |d| d.as_nanos() as u64)
+        | 1;
+    for k in 0..6 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(Duration::from_millis(20 + rng % 80));
+        let snap = base.join(format!("cut-{k}.img"));
+        let t0 = Instant::now();
+        std::fs::copy(&image, &snap).unwrap();
+        snapshots.push((snap, t0));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for p in producers {
+        p.join().unwrap();
+    }
+    spool.shutdown();
+    let acks = acks.lock().unwrap().clone();
+
+    let mut checked = 0;
+    for (k, (snap, t0)) in snapshots.iter().enumerate() {
+        let must: Vec<_> = acks.iter().filter(|a| a.0 < *t0).collect();
+        // e2fsck: 0 clean, 1 errors corrected (journal replayed), 2 corrected,
+        // reboot advised. Anything else means the file system copy itself is
+        // broken, which says nothing about the spool: reported, not counted.
+        let st = match Command::new("e2fsck").args(["-fy"]).arg(snap).output() {
+            Ok(st) => st,
+            Err(e) => {
+                eprintln!("skipped: cannot run e2fsck ({e})");
+                return;
+            }
+        };
+        if !matches!(st.status.code(), Some(0..=2)) {
+            eprintln!(
+                "power cut {k}: e2fsck could not repair the copy ({}), not counted",
+                st.status
+            );
+            continue;
+        }
+        let m = base.join(format!("mnt-{k}"));
+        std::fs::create_dir_all(&m).unwrap();
+        run(Command::new("mount").args(["-o", "loop"]).arg(snap).arg(&m)).unwrap();
+        cleanup.mounts.push(m.clone());
+        let sdir = m.join("spool");
+        let (spool, report) = Spool::open(config(&sdir)).unwrap();
+        drop(spool);
+        let (records, scans) = reader::read_all(&sdir).unwrap();
+        for (info, scan) in &scans {
+            assert!(
+                scan.invalid.is_none(),
+                "power cut {k}: torn record left in {}",
+                info.id
+            );
+        }
+        let by_id: std::collections::HashMap<QueueId, &reader::StoredRecord> =
+            records.iter().map(|r| (r.header.queue_id, r)).collect();
+        for (_, id, t, n) in &must {
+            let r = by_id.get(id).unwrap_or_else(|| {
+                panic!("power cut {k}: {id}, acknowledged before the cut, is missing; {report}")
+            });
+            assert_eq!(r.message(), message(61, *t, *n, body_len(*t, *n)), "{id}");
+        }
+        eprintln!(
+            "power cut {k}: {} acknowledged before it, {} recovered; {report}",
+            must.len(),
+            records.len()
+        );
+        let _ = Command::new("umount").arg(&m).status();
+        cleanup.mounts.pop();
+        checked += 1;
+    }
+    assert!(checked > 0, "no copy of the disk could be checked");
+    assert!(
+        acks.len() > 100,
+        "too few acknowledgements to mean anything"
+    );
+    drop(cleanup);
+}
