@@ -36,18 +36,21 @@ fn allowed_cpus() -> Vec<usize> {
         .unwrap_or_default()
 }
 
-/// Which backend runs, and why (for the banner).
+/// Which backend runs, and why (for the banner). `auto` takes io_uring when
+/// the start-up probe passes, else epoll with the probe's reason.
 fn choose_backend(choice: IoChoice) -> Result<(&'static str, String), String> {
     match choice {
         IoChoice::Epoll => Ok(("epoll", "forced with --io epoll".into())),
-        IoChoice::Auto => Ok((
-            "epoll",
-            "io_uring backend not built yet in this version; epoll is the portable backend".into(),
-        )),
-        IoChoice::Uring => Err(
-            "--io uring: the io_uring backend is not built yet in this version; use --io auto or --io epoll"
-                .into(),
-        ),
+        IoChoice::Auto => Ok(match crate::io::uring::probe() {
+            Ok(found) => ("uring", format!("io_uring available: {found}")),
+            Err(why) => ("epoll", format!("{why}; falling back to epoll")),
+        }),
+        IoChoice::Uring => match crate::io::uring::probe() {
+            Ok(found) => Ok(("uring", format!("forced with --io uring: {found}"))),
+            Err(why) => Err(format!(
+                "--io uring: {why}; use --io auto (falls back to epoll) or --io epoll"
+            )),
+        },
     }
 }
 
@@ -174,7 +177,13 @@ pub fn run(config: Config) -> Result<(), String> {
                         "could not pin to the CPU; running unpinned"
                     );
                 }
-                if let Err(e) = epoll::run_shard(core, params) {
+                // Backend dispatch (io_uring branch).
+                let result = if backend == "uring" {
+                    crate::io::uring::run_shard(core, params)
+                } else {
+                    epoll::run_shard(core, params)
+                };
+                if let Err(e) = result {
                     tracing::error!(shard = shard_id, "shard stopped: {e}");
                 }
             })

@@ -2,11 +2,14 @@
 //!
 //! [`core`] holds what every backend shares (connections, sessions, the spool
 //! hand-off, the memory bound, timeouts, shutdown) and does no system calls.
-//! [`epoll`] is the portable backend; [`listen`] opens the sockets.
+//! [`epoll`] is the portable backend, [`uring`] the io_uring one; [`listen`]
+//! opens the sockets.
 
 pub mod core;
 pub mod epoll;
 pub mod listen;
+// io_uring backend (branch uring).
+pub mod uring;
 
 use crate::envelope::CommitOutcome;
 

@@ -193,12 +193,13 @@ pub fn python(script: &str, args: &[&str]) -> String {
     stdout
 }
 
-/// Both backends, or the one named in LMTP_TEST_IO.
+/// Both backends, or the one named in LMTP_TEST_IO (epoll, uring or auto).
 pub fn backends() -> Vec<&'static str> {
     match std::env::var("LMTP_TEST_IO").as_deref() {
         Ok("epoll") => vec!["epoll"],
+        Ok("uring") => vec!["uring"],
         Ok("auto") => vec!["auto"],
-        _ => vec!["epoll", "auto"],
+        _ => vec!["epoll", "uring"],
     }
 }
 
