@@ -386,8 +386,11 @@ impl ShardCore {
         self.stats.connections_open -= 1;
         conn.held = Vec::new();
         if let Some((_, message)) = conn.waiting.take() {
-            // Never reached the spool: nothing stored, nothing owed.
+            // Never reached the spool: nothing stored, nothing owed. Its
+            // retry entry goes too, or a reuse of the slot would be queued
+            // twice (rare: only when the spool's queues were full).
             self.inflight_bytes -= message.body.len();
+            self.retry.retain(|&s| s != slot);
         }
         if conn.in_spool.is_none() {
             self.conns[slot] = None;

@@ -215,9 +215,11 @@ impl Loop<'_> {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_MAX];
         let mut next_tick = Instant::now() + TICK;
         let mut shutdown_deadline: Option<Instant> = None;
+        let mut was_paused = false;
         loop {
+            let wake_at = shutdown_deadline.map_or(next_tick, |d| d.min(next_tick));
             let timeout = if self.readq.is_empty() {
-                next_tick.saturating_duration_since(Instant::now())
+                wake_at.saturating_duration_since(Instant::now())
             } else {
                 Duration::ZERO
             };
@@ -249,11 +251,7 @@ impl Loop<'_> {
                 }
             }
             if woke {
-                let was_paused = self.core.is_paused();
                 self.core.drain_completions(now);
-                if was_paused && !self.core.is_paused() {
-                    self.requeue_readable();
-                }
                 self.log_deliveries();
             }
             if self.params.shutdown.load(Ordering::Acquire) && shutdown_deadline.is_none() {
@@ -271,6 +269,14 @@ impl Loop<'_> {
                 }
             }
             self.service_dirty();
+            // Outcomes, or a client leaving with a message that was waiting
+            // for the spool, can lift the memory bound: connections skipped
+            // while paused have no new edge coming, so queue them again.
+            let paused = self.core.is_paused();
+            if was_paused && !paused {
+                self.requeue_readable();
+            }
+            was_paused = paused;
             if let Some(deadline) = shutdown_deadline {
                 if self.core.slots_in_use() == 0 {
                     return Ok(());
