@@ -1,0 +1,334 @@
+//! The fast engines the session uses: [`Unstuffer`] (DATA) and
+//! [`ChunkScanner`] (BDAT content).
+//!
+//! Job: produce exactly what the reference engines in `naive.rs` produce (the
+//! body bytes, every [`Feed`], every [`BodyStats`] field, after every call),
+//! many times faster on ordinary mail. Ordinary mail is CRLF lines with few
+//! line-start dots, so almost every 64-byte block needs nothing but a copy;
+//! the block kernel (`kernel.rs`) finds those blocks and this file copies them
+//! whole. Everything else goes through an exact state machine that is the
+//! reference engine's, with memchr to skip the plain bytes inside a line.
+//!
+//! Must not: buffer input between calls (the state is a few flags), allocate
+//! anything but the caller's body, or use `unsafe` (the only `unsafe` is the
+//! kernel dispatch in `kernel.rs`).
+//!
+//! Invariants:
+//! - The kernel runs only at `i >= 1` (it reads `input[i - 1]` as look-behind)
+//!   and only in a state where that byte tells the truth: `Mid`, `LineStart`
+//!   or `Cr` (`Cr` exactly when `input[i - 1]` is CR; `LineStart` only after
+//!   an LF). In `Dot` / `DotCr` the state machine runs.
+//! - A clean run leaves the state a function of its last byte: CR -> `Cr` (held,
+//!   not emitted), LF -> `LineStart`, anything else -> `Mid`.
+//! - Output goes out in whole units ([`emit`] / [`emit_run`]), so truncation at
+//!   `body_bytes_max` cuts where the reference engine cuts.
+
+use memchr::memchr3;
+
+use super::kernel::{BLOCK, Dispatch, Kernel};
+use super::{BodyStats, Feed, State, emit, emit_bare_cr, emit_bare_lf, emit_run};
+
+/// The DATA unstuffer: same methods and results as [`super::NaiveUnstuffer`].
+#[derive(Clone, Debug)]
+pub struct Unstuffer {
+    state: State,
+    normalize: bool,
+    body_bytes_max: usize,
+    stats: BodyStats,
+    kernel: Dispatch,
+}
+
+impl Unstuffer {
+    pub fn new(normalize: bool, body_bytes_max: usize) -> Self {
+        Self::build(normalize, body_bytes_max, Dispatch::best())
+    }
+
+    /// Like [`Unstuffer::new`] with a forced block kernel (tests, fuzzing,
+    /// benchmarks); `None` when this CPU cannot run it.
+    pub fn with_kernel(normalize: bool, body_bytes_max: usize, kernel: Kernel) -> Option<Self> {
+        Dispatch::new(kernel).map(|k| Self::build(normalize, body_bytes_max, k))
+    }
+
+    fn build(normalize: bool, body_bytes_max: usize, kernel: Dispatch) -> Self {
+        Unstuffer {
+            state: State::LineStart,
+            normalize,
+            body_bytes_max,
+            stats: BodyStats::default(),
+            kernel,
+        }
+    }
+
+    pub fn stats(&self) -> &BodyStats {
+        &self.stats
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Unstuffs `input` into `body`; stops right after the terminator.
+    ///
+    /// ```text
+    /// i = 0
+    /// loop while input remains and the terminator has not been seen:
+    ///     if i >= 1 and state is Mid, LineStart or Cr:
+    ///         n = kernel: bytes of whole clean 64-byte blocks from i
+    ///         if n > 0:
+    ///             if state is Cr: emit the held CR with the LF at input[i]
+    ///             emit input[i .. i+n] in one copy, except a CR at its end,
+    ///               which is held (state Cr); else state from the last byte
+    ///             i += n
+    ///     // the block at i is dirty, or less than a block is left, or i == 0
+    ///     state machine from i: through the end of that block (through one
+    ///       byte when i == 0, so the kernel has its look-behind), then on
+    ///       until the state is one the kernel can resume from
+    /// ```
+    ///
+    /// Each round consumes at least one byte (the state machine always moves),
+    /// so the loop is bounded by `input.len()` rounds.
+    pub fn feed(&mut self, input: &[u8], body: &mut Vec<u8>) -> Feed {
+        let mut i = 0;
+        while i < input.len() && self.state != State::Done {
+            let resumable = matches!(self.state, State::Mid | State::LineStart | State::Cr);
+            if i >= 1 && resumable {
+                let n = self.kernel.clean_len::<true>(input, i);
+                if n > 0 {
+                    self.state = emit_clean(
+                        body,
+                        &mut self.stats,
+                        self.body_bytes_max,
+                        self.state == State::Cr,
+                        &input[i..i + n],
+                    );
+                    i += n;
+                }
+            }
+            let until = if i == 0 { 1 } else { i + BLOCK };
+            let before = i;
+            i = self.exact(input, i, until, body);
+            debug_assert!(i > before || i == input.len() || self.state == State::Done);
+        }
+        self.stats.bytes_in += i as u64;
+        Feed {
+            consumed: i,
+            done: self.state == State::Done,
+        }
+    }
+
+    /// The reference engine's state machine from `input[i]`, with memchr over
+    /// the plain bytes inside a line. Runs until `i >= until` in a resumable
+    /// state, the input ends, or the terminator is consumed; returns `i`.
+    fn exact(&mut self, input: &[u8], mut i: usize, until: usize, body: &mut Vec<u8>) -> usize {
+        let (max, normalize) = (self.body_bytes_max, self.normalize);
+        let stats = &mut self.stats;
+        // Bounded: every arm consumes a byte or moves to a state that does
+        // (LineStart -> Mid, Cr -> Mid, Dot -> Mid, DotCr -> Cr -> Mid).
+        while let Some(&b) = input.get(i) {
+            match self.state {
+                State::Mid => {
+                    if i >= until {
+                        break;
+                    }
+                    let rest = &input[i..];
+                    let plain = memchr3(b'\r', b'\n', 0, rest).unwrap_or(rest.len());
+                    if plain > 0 {
+                        emit_run(body, stats, max, &rest[..plain]);
+                        i += plain;
+                    }
+                    let Some(&special) = input.get(i) else { break };
+                    i += 1;
+                    match special {
+                        b'\r' => self.state = State::Cr,
+                        b'\n' => emit_bare_lf(body, stats, max, normalize),
+                        _ => {
+                            stats.nul += 1;
+                            emit(body, stats, max, &[0]);
+                        }
+                    }
+                }
+                State::LineStart => {
+                    if i >= until {
+                        break;
+                    }
+                    if b == b'.' {
+                        self.state = State::Dot;
+                        i += 1;
+                    } else {
+                        self.state = State::Mid;
+                    }
+                }
+                State::Cr => {
+                    if i >= until {
+                        break;
+                    }
+                    if b == b'\n' {
+                        emit(body, stats, max, b"\r\n");
+                        self.state = State::LineStart;
+                        i += 1;
+                    } else {
+                        // The held CR is bare; `b` is handled as in a line.
+                        emit_bare_cr(body, stats, max, normalize);
+                        self.state = State::Mid;
+                    }
+                }
+                State::Dot => {
+                    if b == b'\r' {
+                        self.state = State::DotCr;
+                        i += 1;
+                    } else {
+                        stats.dots_removed += 1;
+                        self.state = State::Mid;
+                    }
+                }
+                State::DotCr => {
+                    if b == b'\n' {
+                        self.state = State::Done;
+                        i += 1;
+                        break;
+                    }
+                    // `.` CR at line start but no LF: the dot was stuffing,
+                    // the CR is held like any other.
+                    stats.dots_removed += 1;
+                    self.state = State::Cr;
+                }
+                State::Done => break,
+            }
+        }
+        i
+    }
+}
+
+/// Emits a clean run (see `kernel.rs`) and returns the state after it.
+/// `cr_held`: a CR from before the run is pending; the run then starts with
+/// its LF. A CR at the run's end is held, not emitted.
+#[inline]
+fn emit_clean(
+    body: &mut Vec<u8>,
+    stats: &mut BodyStats,
+    max: usize,
+    cr_held: bool,
+    run: &[u8],
+) -> State {
+    let mut run = run;
+    if cr_held {
+        debug_assert_eq!(run.first(), Some(&b'\n'), "clean after a CR means LF");
+        emit(body, stats, max, b"\r\n");
+        run = &run[1..];
+    }
+    let (bytes, state) = match run.split_last() {
+        Some((b'\r', head)) => (head, State::Cr),
+        Some((b'\n', _)) => (run, State::LineStart),
+        Some(_) => (run, State::Mid),
+        None => (run, State::LineStart),
+    };
+    emit_run(body, stats, max, bytes);
+    state
+}
+
+/// The BDAT content scanner: same methods and results as
+/// [`super::NaiveScanner`]. No dots, no terminator: only bare CR / bare LF /
+/// NUL, with a CR at a chunk's end held until the next chunk (or `finish`).
+#[derive(Clone, Debug)]
+pub struct ChunkScanner {
+    cr_held: bool,
+    normalize: bool,
+    body_bytes_max: usize,
+    stats: BodyStats,
+    kernel: Dispatch,
+}
+
+impl ChunkScanner {
+    pub fn new(normalize: bool, body_bytes_max: usize) -> Self {
+        Self::build(normalize, body_bytes_max, Dispatch::best())
+    }
+
+    /// Like [`ChunkScanner::new`] with a forced block kernel; `None` when this
+    /// CPU cannot run it.
+    pub fn with_kernel(normalize: bool, body_bytes_max: usize, kernel: Kernel) -> Option<Self> {
+        Dispatch::new(kernel).map(|k| Self::build(normalize, body_bytes_max, k))
+    }
+
+    fn build(normalize: bool, body_bytes_max: usize, kernel: Dispatch) -> Self {
+        ChunkScanner {
+            cr_held: false,
+            normalize,
+            body_bytes_max,
+            stats: BodyStats::default(),
+            kernel,
+        }
+    }
+
+    pub fn stats(&self) -> &BodyStats {
+        &self.stats
+    }
+
+    /// Takes all of `input`. Same loop as [`Unstuffer::feed`] without dots:
+    /// clean blocks are copied whole, the rest goes through [`Self::exact`].
+    pub fn feed(&mut self, input: &[u8], body: &mut Vec<u8>) {
+        let mut i = 0;
+        while i < input.len() {
+            if i >= 1 {
+                let n = self.kernel.clean_len::<false>(input, i);
+                if n > 0 {
+                    let state = emit_clean(
+                        body,
+                        &mut self.stats,
+                        self.body_bytes_max,
+                        self.cr_held,
+                        &input[i..i + n],
+                    );
+                    self.cr_held = state == State::Cr;
+                    i += n;
+                }
+            }
+            let until = if i == 0 { 1 } else { i + BLOCK };
+            i = self.exact(input, i, until, body);
+        }
+        self.stats.bytes_in += input.len() as u64;
+    }
+
+    /// The last chunk has been fed: a CR still held at the very end is bare.
+    pub fn finish(&mut self, body: &mut Vec<u8>) {
+        if self.cr_held {
+            self.cr_held = false;
+            emit_bare_cr(body, &mut self.stats, self.body_bytes_max, self.normalize);
+        }
+    }
+
+    /// The scanner's state machine from `input[i]` until `i >= until` (or the
+    /// input ends); returns `i`.
+    fn exact(&mut self, input: &[u8], mut i: usize, until: usize, body: &mut Vec<u8>) -> usize {
+        let (max, normalize) = (self.body_bytes_max, self.normalize);
+        let stats = &mut self.stats;
+        while i < until {
+            let Some(&b) = input.get(i) else { break };
+            if self.cr_held {
+                self.cr_held = false;
+                if b == b'\n' {
+                    emit(body, stats, max, b"\r\n");
+                    i += 1;
+                    continue;
+                }
+                emit_bare_cr(body, stats, max, normalize);
+            }
+            let rest = &input[i..];
+            let plain = memchr3(b'\r', b'\n', 0, rest).unwrap_or(rest.len());
+            if plain > 0 {
+                emit_run(body, stats, max, &rest[..plain]);
+                i += plain;
+            }
+            let Some(&special) = input.get(i) else { break };
+            i += 1;
+            match special {
+                b'\r' => self.cr_held = true,
+                b'\n' => emit_bare_lf(body, stats, max, normalize),
+                _ => {
+                    stats.nul += 1;
+                    emit(body, stats, max, &[0]);
+                }
+            }
+        }
+        i
+    }
+}
