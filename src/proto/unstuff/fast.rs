@@ -72,39 +72,46 @@ impl Unstuffer {
     /// ```text
     /// i = 0
     /// loop while input remains and the terminator has not been seen:
-    ///     if i >= 1 and state is Mid, LineStart or Cr:
-    ///         n = kernel: bytes of whole clean 64-byte blocks from i
+    ///     if i == 0: until = 1               // gives the kernel its look-behind
+    ///     else if state is Dot or DotCr: until = i + 1   // settle the dot
+    ///     else:                              // Mid, LineStart or Cr
+    ///         (n, dirty) = kernel: clean bytes from i, and whether a dirty
+    ///                      byte follows them (else < 64 bytes are left)
     ///         if n > 0:
     ///             if state is Cr: emit the held CR with the LF at input[i]
     ///             emit input[i .. i+n] in one copy, except a CR at its end,
     ///               which is held (state Cr); else state from the last byte
     ///             i += n
-    ///     // the block at i is dirty, or less than a block is left, or i == 0
-    ///     state machine from i: through the end of that block (through one
-    ///       byte when i == 0, so the kernel has its look-behind), then on
-    ///       until the state is one the kernel can resume from
+    ///         until = dirty ? i + 1 : i + 64 // just that byte, then back here
+    ///     state machine from i until i >= until in a state the kernel can
+    ///       resume from (Dot / DotCr always go on), or the terminator
     /// ```
     ///
-    /// Each round consumes at least one byte (the state machine always moves),
-    /// so the loop is bounded by `input.len()` rounds.
+    /// Each round moves at least one byte (the state machine always does), so
+    /// the loop is bounded by `input.len()` rounds.
     pub fn feed(&mut self, input: &[u8], body: &mut Vec<u8>) -> Feed {
         let mut i = 0;
         while i < input.len() && self.state != State::Done {
             let resumable = matches!(self.state, State::Mid | State::LineStart | State::Cr);
-            if i >= 1 && resumable {
-                let n = self.kernel.clean_len::<true>(input, i);
-                if n > 0 {
+            let until = if i == 0 {
+                1
+            } else if resumable {
+                let scan = self.kernel.scan::<true>(input, i);
+                if scan.clean > 0 {
                     self.state = emit_clean(
                         body,
                         &mut self.stats,
                         self.body_bytes_max,
                         self.state == State::Cr,
-                        &input[i..i + n],
+                        &input[i..i + scan.clean],
                     );
-                    i += n;
+                    i += scan.clean;
                 }
-            }
-            let until = if i == 0 { 1 } else { i + BLOCK };
+                if scan.dirty { i + 1 } else { i + BLOCK }
+            } else {
+                // A dot held from the last call: settle it, then the kernel.
+                i + 1
+            };
             let before = i;
             i = self.exact(input, i, until, body);
             debug_assert!(i > before || i == input.len() || self.state == State::Done);
@@ -199,7 +206,7 @@ impl Unstuffer {
     }
 }
 
-/// Emits a clean run (see `kernel.rs`) and returns the state after it.
+/// Emits clean bytes (see `kernel.rs`) and returns the state after them.
 /// `cr_held`: a CR from before the run is pending; the run then starts with
 /// its LF. A CR at the run's end is held, not emitted.
 #[inline]
@@ -268,21 +275,23 @@ impl ChunkScanner {
     pub fn feed(&mut self, input: &[u8], body: &mut Vec<u8>) {
         let mut i = 0;
         while i < input.len() {
-            if i >= 1 {
-                let n = self.kernel.clean_len::<false>(input, i);
-                if n > 0 {
+            let until = if i == 0 {
+                1
+            } else {
+                let scan = self.kernel.scan::<false>(input, i);
+                if scan.clean > 0 {
                     let state = emit_clean(
                         body,
                         &mut self.stats,
                         self.body_bytes_max,
                         self.cr_held,
-                        &input[i..i + n],
+                        &input[i..i + scan.clean],
                     );
                     self.cr_held = state == State::Cr;
-                    i += n;
+                    i += scan.clean;
                 }
-            }
-            let until = if i == 0 { 1 } else { i + BLOCK };
+                if scan.dirty { i + 1 } else { i + BLOCK }
+            };
             i = self.exact(input, i, until, body);
         }
         self.stats.bytes_in += input.len() as u64;
