@@ -4,7 +4,8 @@
 //!
 //! Bodies: 4 KiB, 64 KiB and 1 MiB of 20-80 byte CRLF lines, dot-sparse (1 line
 //! in 100 starts with a dot) and dot-dense (every line does), ending with the
-//! terminator. Every bench checks its result against one computed up front,
+//! terminator; plus one 64 KiB hostile body (random CR / LF / NUL / dot /
+//! letter, nearly every byte needs the state machine). Every bench checks its result against one computed up front,
 //! so a wrong engine fails instead of looking fast.
 //!
 //! Run: `cargo bench --bench unstuff` (about a minute and a half). Figures and
@@ -62,11 +63,36 @@ struct Case {
     crlf_dot_count: usize,
 }
 
+/// The worst case for a block engine: about `size` bytes where every byte is
+/// a CR, LF, NUL, dot or letter at random (almost every byte is dirty).
+fn hostile(size: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Rng(seed);
+    let mut w: Vec<u8> = (0..size - 5)
+        .map(|_| b"\r\n\0.a"[rng.below(5) as usize])
+        .collect();
+    // No early end: break every <CRLF>.<CRLF> (and a first-line dot) by
+    // turning its dot into a letter.
+    w[0] = b'a';
+    for k in 2..w.len().saturating_sub(2) {
+        if &w[k - 2..k + 3] == b"\r\n.\r\n" {
+            w[k] = b'a';
+        }
+    }
+    w.extend_from_slice(b"\r\n.\r\n");
+    w
+}
+
 fn cases() -> Vec<Case> {
     let mut out = Vec::new();
     for (size, size_name) in [(4 << 10, "4KiB"), (64 << 10, "64KiB"), (1 << 20, "1MiB")] {
-        for (dot_every, density) in [(100, "sparse"), (1, "dense")] {
-            let wire = wire(size, dot_every, 0x5eed ^ size as u64 ^ dot_every);
+        for (dot_every, density) in [(100, "sparse"), (1, "dense"), (0, "hostile")] {
+            if density == "hostile" && size != 64 << 10 {
+                continue;
+            }
+            let wire = match density {
+                "hostile" => hostile(size, 0x5eed ^ size as u64),
+                _ => wire(size, dot_every, 0x5eed ^ size as u64 ^ dot_every),
+            };
             // Expected results, computed once by the oracle and a byte loop.
             let mut body = Vec::new();
             let mut naive = NaiveUnstuffer::new(false, usize::MAX);

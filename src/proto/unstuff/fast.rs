@@ -25,7 +25,7 @@
 
 use memchr::memchr3;
 
-use super::kernel::{BLOCK, Dispatch, Kernel};
+use super::kernel::{BLOCK, Dispatch, Kernel, Scan};
 use super::{BodyStats, Feed, State, emit, emit_bare_cr, emit_bare_lf, emit_run};
 
 /// The DATA unstuffer: same methods and results as [`super::NaiveUnstuffer`].
@@ -82,7 +82,8 @@ impl Unstuffer {
     ///             emit input[i .. i+n] in one copy, except a CR at its end,
     ///               which is held (state Cr); else state from the last byte
     ///             i += n
-    ///         until = dirty ? i + 1 : i + 64 // just that byte, then back here
+    ///         until = i + 1 if dirty after >= 16 clean bytes  // that byte, then back
+    ///                 i + 64 otherwise       // dense trouble: a block by hand
     ///     state machine from i until i >= until in a state the kernel can
     ///       resume from (Dot / DotCr always go on), or the terminator
     /// ```
@@ -107,7 +108,7 @@ impl Unstuffer {
                     );
                     i += scan.clean;
                 }
-                if scan.dirty { i + 1 } else { i + BLOCK }
+                until_after_scan(i, scan)
             } else {
                 // A dot held from the last call: settle it, then the kernel.
                 i + 1
@@ -137,10 +138,9 @@ impl Unstuffer {
                     if i >= until {
                         break;
                     }
-                    let rest = &input[i..];
-                    let plain = memchr3(b'\r', b'\n', 0, rest).unwrap_or(rest.len());
+                    let plain = plain_len(&input[i..]);
                     if plain > 0 {
-                        emit_run(body, stats, max, &rest[..plain]);
+                        emit_run(body, stats, max, &input[i..i + plain]);
                         i += plain;
                     }
                     let Some(&special) = input.get(i) else { break };
@@ -203,6 +203,40 @@ impl Unstuffer {
             }
         }
         i
+    }
+}
+
+/// Bytes before the first CR, LF or NUL in `rest`. Looks at the first few
+/// bytes itself before calling memchr: the state machine runs where trouble
+/// is dense, and there the answer is usually a byte or two away, well below
+/// what a memchr call costs.
+#[inline]
+fn plain_len(rest: &[u8]) -> usize {
+    const NEAR: usize = 16;
+    let near = rest.len().min(NEAR);
+    if let Some(k) = rest[..near]
+        .iter()
+        .position(|&b| matches!(b, b'\r' | b'\n' | 0))
+    {
+        return k;
+    }
+    near + memchr3(b'\r', b'\n', 0, &rest[near..]).unwrap_or(rest.len() - near)
+}
+
+/// Clean bytes before a dirty one for the kernel to be called again right
+/// after it. Below this, dirty bytes are close together (hostile or binary
+/// input) and a kernel call per byte would cost more than the state machine:
+/// the state machine then takes a whole block. Dot-dense mail (a dot every
+/// 20-80 bytes) stays above it.
+const CLEAN_RUN_MIN: usize = 16;
+
+/// How far the state machine must go after a scan that left `i` at its end.
+#[inline]
+fn until_after_scan(i: usize, scan: Scan) -> usize {
+    if scan.dirty && scan.clean >= CLEAN_RUN_MIN {
+        i + 1
+    } else {
+        i + BLOCK
     }
 }
 
@@ -290,7 +324,7 @@ impl ChunkScanner {
                     self.cr_held = state == State::Cr;
                     i += scan.clean;
                 }
-                if scan.dirty { i + 1 } else { i + BLOCK }
+                until_after_scan(i, scan)
             };
             i = self.exact(input, i, until, body);
         }
@@ -321,10 +355,9 @@ impl ChunkScanner {
                 }
                 emit_bare_cr(body, stats, max, normalize);
             }
-            let rest = &input[i..];
-            let plain = memchr3(b'\r', b'\n', 0, rest).unwrap_or(rest.len());
+            let plain = plain_len(&input[i..]);
             if plain > 0 {
-                emit_run(body, stats, max, &rest[..plain]);
+                emit_run(body, stats, max, &input[i..i + plain]);
                 i += plain;
             }
             let Some(&special) = input.get(i) else { break };
