@@ -14,10 +14,12 @@
 //! kernel dispatch in `kernel.rs`).
 //!
 //! Invariants:
-//! - The kernel runs only at `i >= 1` (it reads `input[i - 1]` as look-behind)
-//!   and only in a state where that byte tells the truth: `Mid`, `LineStart`
-//!   or `Cr` (`Cr` exactly when `input[i - 1]` is CR; `LineStart` only after
-//!   an LF). In `Dot` / `DotCr` the state machine runs.
+//! - The kernel runs only in a state that its look-behind byte can stand for:
+//!   `Mid`, `LineStart` or `Cr`. At `i >= 1` that byte is `input[i - 1]`, and
+//!   it tells the truth (`Cr` exactly when it is CR; `LineStart` only after an
+//!   LF; an LF before `Mid` only makes a following dot falsely dirty); at
+//!   `i == 0` it is made up from the state. In `Dot` / `DotCr` the state
+//!   machine runs.
 //! - A clean run leaves the state a function of its last byte: CR -> `Cr` (held,
 //!   not emitted), LF -> `LineStart`, anything else -> `Mid`.
 //! - Output goes out in whole units ([`emit`] / [`emit_run`]), so truncation at
@@ -25,7 +27,7 @@
 
 use memchr::memchr3;
 
-use super::kernel::{BLOCK, Dispatch, Kernel, Scan};
+use super::kernel::{BLOCK, Dispatch, Kernel};
 use super::{BodyStats, Feed, State, emit, emit_bare_cr, emit_bare_lf, emit_run};
 
 /// The DATA unstuffer: same methods and results as [`super::NaiveUnstuffer`].
@@ -72,20 +74,22 @@ impl Unstuffer {
     /// ```text
     /// i = 0
     /// loop while input remains and the terminator has not been seen:
-    ///     if i == 0: until = 1               // gives the kernel its look-behind
-    ///     else if state is Dot or DotCr: until = i + 1   // settle the dot
-    ///     else:                              // Mid, LineStart or Cr
-    ///         (n, dirty) = kernel: clean bytes from i, and whether a dirty
-    ///                      byte follows them (else < 64 bytes are left)
-    ///         if n > 0:
-    ///             if state is Cr: emit the held CR with the LF at input[i]
-    ///             emit input[i .. i+n] in one copy, except a CR at its end,
-    ///               which is held (state Cr); else state from the last byte
-    ///             i += n
-    ///         until = i + 1 if dirty after >= 16 clean bytes  // that byte, then back
-    ///                 i + 64 otherwise       // dense trouble: a block by hand
-    ///     state machine from i until i >= until in a state the kernel can
-    ///       resume from (Dot / DotCr always go on), or the terminator
+    ///     if state is Dot or DotCr:          // a dot held from the last call
+    ///         state machine through input[i], then loop
+    ///     p = input[i-1], or at i == 0 a byte standing for the state
+    ///         (LineStart: LF, Cr: CR, Mid: a space)
+    ///     (n, dirty) = kernel from i with look-behind p: clean bytes, and
+    ///                  whether a dirty byte follows them (else n reaches the end)
+    ///     if n > 0:
+    ///         if state is Cr: emit the held CR with the LF at input[i]
+    ///         emit input[i .. i+n] in one copy, except a CR at its end,
+    ///           which is held (state Cr); else state from the last byte
+    ///         i += n
+    ///     if not dirty: done with this input
+    ///     state machine from the dirty byte at i: just through it when it
+    ///       came after >= 16 clean bytes, else through the next 64 bytes
+    ///       (dense trouble: cheaper than a kernel call per byte); it always
+    ///       goes on until the state is Mid, LineStart or Cr again
     /// ```
     ///
     /// Each round moves at least one byte (the state machine always does), so
@@ -93,29 +97,37 @@ impl Unstuffer {
     pub fn feed(&mut self, input: &[u8], body: &mut Vec<u8>) -> Feed {
         let mut i = 0;
         while i < input.len() && self.state != State::Done {
-            let resumable = matches!(self.state, State::Mid | State::LineStart | State::Cr);
-            let until = if i == 0 {
-                1
-            } else if resumable {
-                let scan = self.kernel.scan::<true>(input, i);
-                if scan.clean > 0 {
-                    self.state = emit_clean(
-                        body,
-                        &mut self.stats,
-                        self.body_bytes_max,
-                        self.state == State::Cr,
-                        &input[i..i + scan.clean],
-                    );
-                    i += scan.clean;
-                }
-                until_after_scan(i, scan)
-            } else {
-                // A dot held from the last call: settle it, then the kernel.
-                i + 1
-            };
             let before = i;
+            let look_behind = match (i.checked_sub(1), self.state) {
+                (Some(j), _) => input[j],
+                (None, State::LineStart) => b'\n',
+                (None, State::Cr) => b'\r',
+                (None, _) => b' ',
+            };
+            let until = match self.state {
+                State::Mid | State::LineStart | State::Cr => {
+                    let scan = self.kernel.scan::<true>(input, i, look_behind);
+                    if scan.clean > 0 {
+                        self.state = emit_clean(
+                            body,
+                            &mut self.stats,
+                            self.body_bytes_max,
+                            self.state == State::Cr,
+                            &input[i..i + scan.clean],
+                        );
+                        i += scan.clean;
+                    }
+                    if !scan.dirty {
+                        debug_assert_eq!(i, input.len());
+                        break;
+                    }
+                    until_after_dirty(i, scan.clean)
+                }
+                // A dot held from the last call: settle it, then the kernel.
+                _ => i + 1,
+            };
             i = self.exact(input, i, until, body);
-            debug_assert!(i > before || i == input.len() || self.state == State::Done);
+            debug_assert!(i > before || self.state == State::Done);
         }
         self.stats.bytes_in += i as u64;
         Feed {
@@ -224,16 +236,17 @@ fn plain_len(rest: &[u8]) -> usize {
 }
 
 /// Clean bytes before a dirty one for the kernel to be called again right
-/// after it. Below this, dirty bytes are close together (hostile or binary
+/// after that byte. Below this, dirty bytes are close together (hostile or binary
 /// input) and a kernel call per byte would cost more than the state machine:
 /// the state machine then takes a whole block. Dot-dense mail (a dot every
 /// 20-80 bytes) stays above it.
 const CLEAN_RUN_MIN: usize = 16;
 
-/// How far the state machine must go after a scan that left `i` at its end.
+/// How far the state machine must go from the dirty byte at `i`, which came
+/// after `clean` clean bytes.
 #[inline]
-fn until_after_scan(i: usize, scan: Scan) -> usize {
-    if scan.dirty && scan.clean >= CLEAN_RUN_MIN {
+fn until_after_dirty(i: usize, clean: usize) -> usize {
+    if clean >= CLEAN_RUN_MIN {
         i + 1
     } else {
         i + BLOCK
@@ -304,29 +317,34 @@ impl ChunkScanner {
         &self.stats
     }
 
-    /// Takes all of `input`. Same loop as [`Unstuffer::feed`] without dots:
-    /// clean blocks are copied whole, the rest goes through [`Self::exact`].
+    /// Takes all of `input`. Same loop as [`Unstuffer::feed`] without dots
+    /// (look-behind at `i == 0`: CR when one is held, else a space): clean
+    /// bytes are copied whole, dirty ones go through [`Self::exact`].
     pub fn feed(&mut self, input: &[u8], body: &mut Vec<u8>) {
         let mut i = 0;
         while i < input.len() {
-            let until = if i == 0 {
-                1
-            } else {
-                let scan = self.kernel.scan::<false>(input, i);
-                if scan.clean > 0 {
-                    let state = emit_clean(
-                        body,
-                        &mut self.stats,
-                        self.body_bytes_max,
-                        self.cr_held,
-                        &input[i..i + scan.clean],
-                    );
-                    self.cr_held = state == State::Cr;
-                    i += scan.clean;
-                }
-                until_after_scan(i, scan)
+            let look_behind = match i.checked_sub(1) {
+                Some(j) => input[j],
+                None if self.cr_held => b'\r',
+                None => b' ',
             };
-            i = self.exact(input, i, until, body);
+            let scan = self.kernel.scan::<false>(input, i, look_behind);
+            if scan.clean > 0 {
+                let state = emit_clean(
+                    body,
+                    &mut self.stats,
+                    self.body_bytes_max,
+                    self.cr_held,
+                    &input[i..i + scan.clean],
+                );
+                self.cr_held = state == State::Cr;
+                i += scan.clean;
+            }
+            if !scan.dirty {
+                debug_assert_eq!(i, input.len());
+                break;
+            }
+            i = self.exact(input, i, until_after_dirty(i, scan.clean), body);
         }
         self.stats.bytes_in += input.len() as u64;
     }
