@@ -8,7 +8,7 @@
 //! letter, nearly every byte needs the state machine). Every bench checks its result against one computed up front,
 //! so a wrong engine fails instead of looking fast.
 //!
-//! Run: `cargo bench --bench unstuff` (about a minute and a half). Figures and
+//! Run: `cargo bench --bench unstuff` (about a minute). Figures and
 //! the machine they came from: docs/BENCHMARKS.md.
 
 use std::hint::black_box;

@@ -22,7 +22,7 @@
 //!   machine runs.
 //! - A clean run leaves the state a function of its last byte: CR -> `Cr` (held,
 //!   not emitted), LF -> `LineStart`, anything else -> `Mid`.
-//! - Output goes out in whole units ([`emit`] / [`emit_run`]), so truncation at
+//! - Output goes out in whole units (`emit` / `emit_run`), so truncation at
 //!   `body_bytes_max` cuts where the reference engine cuts.
 
 use memchr::memchr3;
@@ -319,7 +319,7 @@ impl ChunkScanner {
 
     /// Takes all of `input`. Same loop as [`Unstuffer::feed`] without dots
     /// (look-behind at `i == 0`: CR when one is held, else a space): clean
-    /// bytes are copied whole, dirty ones go through [`Self::exact`].
+    /// bytes are copied whole, dirty ones go through `Self::exact`.
     pub fn feed(&mut self, input: &[u8], body: &mut Vec<u8>) {
         let mut i = 0;
         while i < input.len() {

@@ -19,13 +19,13 @@
 //! be a bug, so the rule above is deliberately conservative (an LF that was
 //! bare still makes a following dot dirty).
 //!
-//! Invariant: a [`Dispatch`] only ever holds a kernel the running CPU supports;
+//! Invariant: a `Dispatch` only ever holds a kernel the running CPU supports;
 //! that is what makes the `unsafe` calls below sound.
 //!
 //! No AVX-512 build: `#[target_feature(enable = "avx512bw")]` is stable only
 //! since Rust 1.89 and the crate's `rust-version` is 1.85. Measured on the
-//! development machine (docs/BENCHMARKS.md), the same generic code built for
-//! AVX-512BW was about 20-30% faster than the AVX2 build on dot-sparse mail;
+//! development machine (docs/BENCHMARKS.md, roughly, under load), the same
+//! generic code built for AVX-512BW was 15-35% faster than AVX2 on sparse mail;
 //! add `Kernel::Avx512bw` (one more thin wrapper) when the MSRV moves.
 
 use std::sync::OnceLock;

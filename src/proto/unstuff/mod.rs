@@ -18,8 +18,8 @@
 //!   [`NaiveScanner`]), the oracle the fast engines are tested against and the
 //!   baseline the benchmark compares with. Their behaviour *is* the contract.
 //! - [`fast`]: the engines the session uses ([`Unstuffer`], [`ChunkScanner`]):
-//!   copy clean 64-byte blocks whole, run an exact memchr-driven state machine
-//!   on the rest.
+//!   copy the clean bytes the kernel finds in one go, run an exact state machine
+//!   (memchr over plain bytes) on the rest.
 //! - [`kernel`]: the block check ("is this block free of anything that needs
 //!   the state machine?"), written once and compiled per CPU feature.
 //!
