@@ -211,4 +211,18 @@ mod tests {
         assert_eq!(st.dots_removed, 3);
         assert_eq!(st.bare_lf, 1);
     }
+
+    /// A body buffer that already holds more than the limit is full: no
+    /// write, no wrap-around of `max - len` (which a release build would
+    /// have turned into "unlimited" before the room check saturated).
+    #[test]
+    fn prefilled_body_past_the_limit_is_full() {
+        let mut u = NaiveUnstuffer::new(false, 2);
+        let mut body = b"prefix".to_vec();
+        let f = u.feed(b"abc\r\n.\r\n", &mut body);
+        assert!(f.done);
+        assert_eq!(body, b"prefix");
+        assert!(u.stats().oversize);
+        assert_eq!(u.stats().bytes_out, 5);
+    }
 }
