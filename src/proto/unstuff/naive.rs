@@ -1,83 +1,19 @@
-//! The DATA dot-unstuffer and the BDAT content scanner.
+//! The byte-at-a-time reference engines: [`NaiveUnstuffer`] (DATA) and
+//! [`NaiveScanner`] (BDAT content).
 //!
-//! Job: turn the bytes that follow `354` into the stored body. Only
-//! `<CRLF>.<CRLF>` ends the data (the data's start counts as following a CRLF);
-//! a dot that starts a line (after a CRLF) is removed; every SMTP-smuggling
-//! sequence (`<LF>.<LF>`, `<CR>.<CR>`, `<LF>.<CR><LF>`, `<CR><LF>.<LF>`, ...) is
-//! plain content. Bare CR (a CR not followed by LF), bare LF (an LF not after a
-//! CR) and NUL are counted; with `normalize` each bare CR or bare LF becomes
-//! CRLF in the output. Deciding what to do about the counts (reject, accept) is
-//! the session's job.
+//! Job: be obviously right. One `match` per input byte, one output unit per
+//! `emit`. These engines define the contract (see the parent module): the fast
+//! engines are tested and fuzzed against them, and the benchmark uses them as
+//! the baseline.
 //!
-//! Must not: do I/O, allocate beyond the caller's body buffer, or write more
-//! than `body_bytes_max` bytes into it. Input may be split anywhere, so the
-//! state between calls is a handful of flags, never buffered input.
+//! Must not: be clever. Speed belongs in `fast.rs`; a change here changes the
+//! contract and must be matched there.
 //!
-//! This file holds the byte-at-a-time reference engine ([`NaiveUnstuffer`],
-//! [`NaiveScanner`]): the oracle the fast engine is tested against and the
-//! baseline the benchmark compares with.
+//! Invariants: the state never holds input bytes other than a pending CR or a
+//! pending line-start dot (`Cr`, `Dot`, `DotCr`); `body.len() <= body_bytes_max`
+//! after every call when the body started within the limit.
 
-/// What one call to `feed` did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Feed {
-    /// Input bytes used. Less than the input only when `done`: the bytes after
-    /// the terminator belong to the next command.
-    pub consumed: usize,
-    /// `<CRLF>.<CRLF>` has been seen (its last byte is within `consumed`).
-    pub done: bool,
-}
-
-/// Counters for one body.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BodyStats {
-    /// Raw bytes consumed, the terminator included.
-    pub bytes_in: u64,
-    /// Body bytes produced, counting those dropped after the limit was hit.
-    pub bytes_out: u64,
-    /// CRs not followed by LF.
-    pub bare_cr: u64,
-    /// LFs not preceded by CR.
-    pub bare_lf: u64,
-    /// NUL bytes.
-    pub nul: u64,
-    /// Leading dots removed.
-    pub dots_removed: u64,
-    /// The body outgrew `body_bytes_max`; the buffer holds only a prefix.
-    pub oversize: bool,
-}
-
-/// Where the byte-loop engine stands between two bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum State {
-    /// At the start of a line (after CRLF, or at the start of the data).
-    LineStart,
-    /// Inside a line.
-    Mid,
-    /// Inside a line, after a CR whose successor is not yet known.
-    Cr,
-    /// A `.` at line start, successor not yet known.
-    Dot,
-    /// `.` CR at line start, successor not yet known.
-    DotCr,
-    /// The terminator has been consumed.
-    Done,
-}
-
-/// Appends `bytes` to the body unless that would pass `max`; from the first
-/// refusal on, the body is marked oversize and nothing more is written.
-#[inline]
-fn emit(body: &mut Vec<u8>, stats: &mut BodyStats, max: usize, bytes: &[u8]) {
-    stats.bytes_out += bytes.len() as u64;
-    if stats.oversize {
-        return;
-    }
-    // Written as `room < len` so it cannot overflow (body.len() <= max always).
-    if max - body.len() < bytes.len() {
-        stats.oversize = true;
-        return;
-    }
-    body.extend_from_slice(bytes);
-}
+use super::{BodyStats, Feed, State, emit, emit_bare_cr, emit_bare_lf};
 
 /// The byte-at-a-time DATA unstuffer: obviously right, slow. See the module
 /// docs for the rules.
@@ -108,9 +44,7 @@ impl NaiveUnstuffer {
     }
 
     fn bare_cr(&mut self, body: &mut Vec<u8>) {
-        self.stats.bare_cr += 1;
-        let out: &[u8] = if self.normalize { b"\r\n" } else { b"\r" };
-        emit(body, &mut self.stats, self.body_bytes_max, out);
+        emit_bare_cr(body, &mut self.stats, self.body_bytes_max, self.normalize);
     }
 
     /// A byte inside a line (state `Mid`).
@@ -118,9 +52,7 @@ impl NaiveUnstuffer {
         match b {
             b'\r' => self.state = State::Cr,
             b'\n' => {
-                self.stats.bare_lf += 1;
-                let out: &[u8] = if self.normalize { b"\r\n" } else { b"\n" };
-                emit(body, &mut self.stats, self.body_bytes_max, out);
+                emit_bare_lf(body, &mut self.stats, self.body_bytes_max, self.normalize);
                 self.state = State::Mid;
             }
             _ => {
@@ -238,12 +170,6 @@ impl NaiveScanner {
     }
 }
 
-/// The engine the session uses for DATA. For now the reference engine; the
-/// memchr engine replaces it behind the same methods.
-pub type Unstuffer = NaiveUnstuffer;
-/// The engine the session uses for BDAT content.
-pub type ChunkScanner = NaiveScanner;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,5 +210,19 @@ mod tests {
         assert_eq!(body, b".a\r\n.\r\nb\nx.\r\n");
         assert_eq!(st.dots_removed, 3);
         assert_eq!(st.bare_lf, 1);
+    }
+
+    /// A body buffer that already holds more than the limit is full: no
+    /// write, no wrap-around of `max - len` (which a release build would
+    /// have turned into "unlimited" before the room check saturated).
+    #[test]
+    fn prefilled_body_past_the_limit_is_full() {
+        let mut u = NaiveUnstuffer::new(false, 2);
+        let mut body = b"prefix".to_vec();
+        let f = u.feed(b"abc\r\n.\r\n", &mut body);
+        assert!(f.done);
+        assert_eq!(body, b"prefix");
+        assert!(u.stats().oversize);
+        assert_eq!(u.stats().bytes_out, 5);
     }
 }
