@@ -141,30 +141,6 @@ impl Epoll {
     }
 }
 
-/// Formats the peer of an accepted socket as `ip:port`, `[ip6]:port` or `unix:`.
-fn peer_name(storage: &libc::sockaddr_storage) -> String {
-    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
-    match storage.ss_family as i32 {
-        libc::AF_INET => {
-            // SAFETY: the family says accept4 wrote a sockaddr_in, which fits
-            // in (and is less aligned than) sockaddr_storage.
-            let a =
-                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-            SocketAddrV4::new(ip, u16::from_be(a.sin_port)).to_string()
-        }
-        libc::AF_INET6 => {
-            // SAFETY: as above, for sockaddr_in6.
-            let a = unsafe {
-                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
-            };
-            let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
-            SocketAddrV6::new(ip, u16::from_be(a.sin6_port), 0, a.sin6_scope_id).to_string()
-        }
-        _ => "unix:".to_string(),
-    }
-}
-
 /// Runs one shard until shutdown completes.
 pub fn run_shard(mut core: ShardCore, params: ShardParams) -> io::Result<()> {
     let ep = Epoll::new()?;
@@ -306,15 +282,13 @@ impl Loop<'_> {
         }
         let lfd = self.params.listeners[i].fd.as_raw_fd();
         loop {
-            // SAFETY: zeroed sockaddr_storage is a valid initial value.
-            let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-            let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            // SAFETY: `storage` and `len` are live locals the kernel fills.
+            // SAFETY: no address is asked for (null pointers); the kernel
+            // only returns a descriptor.
             let fd = unsafe {
                 libc::accept4(
                     lfd,
-                    (&mut storage as *mut libc::sockaddr_storage).cast(),
-                    &mut len,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
                     libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
                 )
             };
@@ -340,24 +314,13 @@ impl Loop<'_> {
             }
             // SAFETY: accept4 returned a fresh descriptor that we now own.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let peer = peer_name(&storage);
-            if self.core.open_connections() >= self.params.connections_max {
-                let msg = b"421 4.7.0 Too many connections, try again later\r\n";
-                // SAFETY: sends from a static buffer; failure is harmless here.
-                unsafe {
-                    libc::send(
-                        fd.as_raw_fd(),
-                        msg.as_ptr().cast(),
-                        msg.len(),
-                        libc::MSG_NOSIGNAL,
-                    )
-                };
+            let Some(peer) = super::admit(
+                &fd,
+                self.core.open_connections(),
+                self.params.connections_max,
+            ) else {
                 continue;
-            }
-            if !peer.starts_with("unix:") {
-                // Replies are small and the client waits for them: no Nagle.
-                let _ = socket2::SockRef::from(&fd).set_tcp_nodelay(true);
-            }
+            };
             let slot = self.core.open(now, peer);
             let events = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
             if let Err(e) = self

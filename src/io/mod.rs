@@ -11,7 +11,39 @@ pub mod listen;
 // io_uring backend (branch uring).
 pub mod uring;
 
+use std::os::fd::{AsRawFd, OwnedFd};
+
 use crate::envelope::CommitOutcome;
+
+/// What both backends do with a freshly accepted socket: refuse it with a
+/// `421` when the shard already holds `connections_max`, else switch off Nagle
+/// (replies are small and the client waits for them) and return the peer's
+/// name (`ip:port`, `[ip6]:port` or `unix:`) for the session. `None`: the
+/// caller drops (closes) the socket.
+pub fn admit(fd: &OwnedFd, open_connections: usize, connections_max: usize) -> Option<String> {
+    if open_connections >= connections_max {
+        let msg = b"421 4.7.0 Too many connections, try again later\r\n";
+        // SAFETY: sends from a static buffer on a socket we own; a failure
+        // is harmless (the socket is closed right after).
+        unsafe {
+            libc::send(
+                fd.as_raw_fd(),
+                msg.as_ptr().cast(),
+                msg.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        return None;
+    }
+    let sock = socket2::SockRef::from(fd);
+    match sock.peer_addr().ok().and_then(|a| a.as_socket()) {
+        Some(addr) => {
+            let _ = sock.set_tcp_nodelay(true);
+            Some(addr.to_string())
+        }
+        None => Some("unix:".to_string()),
+    }
+}
 
 /// One log line per message: queue id, client, sender, recipients, size,
 /// commit latency, outcome.

@@ -433,29 +433,13 @@ impl Loop<'_> {
     // --- connections -----------------------------------------------------
 
     fn open(&mut self, now: Instant, fd: OwnedFd) {
-        let sock = socket2::SockRef::from(&fd);
-        let peer = match sock.peer_addr().ok().and_then(|a| a.as_socket()) {
-            Some(a) => a.to_string(),
-            None => "unix:".to_string(),
-        };
-        if self.core.open_connections() >= self.params.connections_max {
-            let msg = b"421 4.7.0 Too many connections, try again later\r\n";
-            // SAFETY: sends from a static buffer on a non-blocking socket we
-            // own; failure is harmless here.
-            unsafe {
-                libc::send(
-                    fd.as_raw_fd(),
-                    msg.as_ptr().cast(),
-                    msg.len(),
-                    libc::MSG_NOSIGNAL,
-                )
-            };
+        let Some(peer) = super::admit(
+            &fd,
+            self.core.open_connections(),
+            self.params.connections_max,
+        ) else {
             return;
-        }
-        if !peer.starts_with("unix:") {
-            // Replies are small and the client waits for them: no Nagle.
-            let _ = sock.set_tcp_nodelay(true);
-        }
+        };
         let slot = self.core.open(now, peer);
         self.generation = self.generation.wrapping_add(1);
         let conn = Conn {
