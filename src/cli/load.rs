@@ -133,14 +133,18 @@ struct ProgressLine {
     on: bool,
     last_ms: u128,
     shown: bool,
+    messages_max: Option<u64>,
+    duration: Option<Duration>,
 }
 
 impl ProgressLine {
-    fn new() -> ProgressLine {
+    fn new(cfg: &LoadConfig) -> ProgressLine {
         ProgressLine {
             on: std::io::stderr().is_terminal(),
             last_ms: 0,
             shown: false,
+            messages_max: cfg.messages_max(),
+            duration: cfg.duration,
         }
     }
 
@@ -153,9 +157,17 @@ impl ProgressLine {
         self.shown = true;
         let rate = messages as f64 / elapsed.as_secs_f64().max(1e-3);
         let mut e = std::io::stderr().lock();
+        let of = match (self.messages_max, self.duration) {
+            (Some(m), _) => format!(" of {}", lib::report::group(m)),
+            _ => String::new(),
+        };
+        let left = self
+            .duration
+            .map(|d| format!(" of {:.0} s", d.as_secs_f64()))
+            .unwrap_or_default();
         let _ = write!(
             e,
-            "\r{label}{} messages  {} msg/s  {:.1} s   ",
+            "\r{label}{}{of} messages  {} msg/s  {:.1} s{left}   ",
             lib::report::group(messages),
             lib::report::group(rate as u64),
             elapsed.as_secs_f64()
@@ -173,7 +185,7 @@ impl ProgressLine {
 }
 
 fn run_one(cfg: &LoadConfig, label: &str) -> Result<LoadReport, String> {
-    let mut p = ProgressLine::new();
+    let mut p = ProgressLine::new(cfg);
     let r = lib::run(cfg, &mut |m, e| p.tick(label, m, e));
     p.finish();
     r
