@@ -168,16 +168,21 @@ pub fn nice_axis(max: f64, ticks: usize) -> (f64, f64) {
     ((step), (max / step).ceil() * step)
 }
 
-/// A tick label: 1,500 / 2.5k / 1.2M style, short enough for an axis.
-fn tick_label(v: f64) -> String {
-    let a = v.abs();
-    let (x, suffix) = if a >= 1e6 {
-        (v / 1e6, "M")
-    } else if a >= 1e4 {
-        (v / 1e3, "k")
+/// A tick label in the axis' unit: every tick of an axis whose top is at
+/// least 10,000 in k, at least 1,000,000 in M, so the labels line up
+/// (0, 500k, 1000k, 1500k; 0, 0.5M, 1M, 1.5M).
+fn tick_label(v: f64, top: f64) -> String {
+    let (div, suffix) = if top >= 1e6 {
+        (1e6, "M")
+    } else if top >= 1e4 {
+        (1e3, "k")
     } else {
-        (v, "")
+        (1.0, "")
     };
+    let x = v / div;
+    if v == 0.0 {
+        return "0".into();
+    }
     let s = if (x - x.round()).abs() < 1e-9 {
         format!("{}", x.round() as i64)
     } else {
@@ -201,7 +206,7 @@ pub fn svg(key: Key, points: &[(u64, LoadReport)], title: &str, subtitle: &str) 
     const H: f64 = 500.0;
     const L: f64 = 90.0; // left margin: throughput ticks and label
     const R: f64 = 90.0; // right margin: latency ticks and label
-    const T: f64 = 80.0; // title, subtitle, legend
+    const T: f64 = 88.0; // title, subtitle, legend
     const B: f64 = 70.0; // x ticks and label
     const TPUT: &str = "#1f77b4";
     const LAT: &str = "#d62728";
@@ -241,13 +246,13 @@ pub fn svg(key: Key, points: &[(u64, LoadReport)], title: &str, subtitle: &str) 
     let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
     let _ = writeln!(
         s,
-        r#"<text x="{}" y="28" text-anchor="middle" font-size="18" font-weight="bold">{}</text>"#,
+        r#"<text x="{}" y="26" text-anchor="middle" font-size="18" font-weight="bold">{}</text>"#,
         W / 2.0,
         esc(title)
     );
     let _ = writeln!(
         s,
-        r##"<text x="{}" y="48" text-anchor="middle" font-size="12" fill="#444">{}</text>"##,
+        r##"<text x="{}" y="45" text-anchor="middle" font-size="12" fill="#444">{}</text>"##,
         W / 2.0,
         esc(subtitle)
     );
@@ -265,7 +270,7 @@ pub fn svg(key: Key, points: &[(u64, LoadReport)], title: &str, subtitle: &str) 
             r#"<text x="{:.1}" y="{:.1}" text-anchor="end" fill="{TPUT}">{}</text>"#,
             L - 8.0,
             y + 4.0,
-            tick_label(v)
+            tick_label(v, t_top)
         );
         v += t_step;
     }
@@ -284,7 +289,7 @@ pub fn svg(key: Key, points: &[(u64, LoadReport)], title: &str, subtitle: &str) 
             r#"<text x="{:.1}" y="{:.1}" fill="{LAT}">{}</text>"#,
             L + pw + 8.0,
             y + 4.0,
-            tick_label(v)
+            tick_label(v, l_top)
         );
         v += l_step;
     }
@@ -366,41 +371,43 @@ pub fn svg(key: Key, points: &[(u64, LoadReport)], title: &str, subtitle: &str) 
     };
     series(&mut s, &tput, &y_t, TPUT, "");
     series(&mut s, &lat, &y_l, LAT, r#" stroke-dasharray="7,4""#);
-    // Legend, top left inside the plot.
-    let lx = L + 12.0;
-    let ly = T + 8.0;
+    // Legend: one row in the top margin, above the plot, so it never hides
+    // a point.
+    let lx = L + pw / 2.0 - 250.0;
+    let ly = 65.0;
     let _ = writeln!(
         s,
-        r##"<rect x="{lx}" y="{ly}" width="250" height="46" fill="white" fill-opacity="0.85" stroke="#999"/>"##
+        r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{TPUT}" stroke-width="2.5"/>"#,
+        lx + 30.0
     );
     let _ = writeln!(
         s,
-        r#"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{TPUT}" stroke-width="2.5"/>"#,
-        lx + 8.0,
-        ly + 15.0,
+        r#"<circle cx="{:.1}" cy="{ly:.1}" r="4" fill="{TPUT}"/>"#,
+        lx + 15.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{:.1}" y="{:.1}">throughput ({}, left axis)</text>"#,
         lx + 38.0,
-        ly + 15.0
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.1}" y="{:.1}">throughput ({}, left)</text>"#,
-        lx + 46.0,
-        ly + 19.0,
+        ly + 4.0,
         key.throughput_label()
     );
+    let lx2 = lx + 270.0;
     let _ = writeln!(
         s,
-        r#"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{LAT}" stroke-width="2.5" stroke-dasharray="7,4"/>"#,
-        lx + 8.0,
-        ly + 34.0,
-        lx + 38.0,
-        ly + 34.0
+        r#"<line x1="{lx2:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{LAT}" stroke-width="2.5" stroke-dasharray="7,4"/>"#,
+        lx2 + 30.0
     );
     let _ = writeln!(
         s,
-        r#"<text x="{:.1}" y="{:.1}">p99 latency ({lat_unit}, right)</text>"#,
-        lx + 46.0,
-        ly + 38.0
+        r#"<circle cx="{:.1}" cy="{ly:.1}" r="4" fill="{LAT}"/>"#,
+        lx2 + 15.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{:.1}" y="{:.1}">p99 latency ({lat_unit}, right axis)</text>"#,
+        lx2 + 38.0,
+        ly + 4.0
     );
     s.push_str("</svg>\n");
     s
@@ -452,9 +459,11 @@ mod tests {
         assert_eq!(nice_axis(87_000.0, 5), (20_000.0, 100_000.0));
         assert_eq!(nice_axis(9.0, 5), (2.0, 10.0));
         assert_eq!(nice_axis(0.0, 5), (0.2, 1.0));
-        assert_eq!(tick_label(20_000.0), "20k");
-        assert_eq!(tick_label(1500.0), "1500");
-        assert_eq!(tick_label(0.4), "0.4");
+        assert_eq!(tick_label(20_000.0, 100_000.0), "20k");
+        assert_eq!(tick_label(1500.0, 2000.0), "1500");
+        assert_eq!(tick_label(500_000.0, 1_500_000.0), "0.5M");
+        assert_eq!(tick_label(0.0, 1_500_000.0), "0");
+        assert_eq!(tick_label(0.4, 1.0), "0.4");
     }
 
     #[test]
@@ -481,6 +490,7 @@ mod tests {
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert!(svg.contains("title &lt;x&gt;"));
         assert!(svg.contains("p99 latency"));
-        assert_eq!(svg.matches("<circle").count(), 6);
+        // Three points per series, plus one marker per legend entry.
+        assert_eq!(svg.matches("<circle").count(), 8);
     }
 }
