@@ -100,9 +100,34 @@ fn counts_match_the_spool_over_tcp_and_unix() {
         "{v}"
     );
 
+    // Many connections over more threads than CPUs, lock-step.
+    let v = json(&load(&[
+        "--target",
+        &server.addr(),
+        "--connections",
+        "200",
+        "--threads",
+        "3",
+        "--pipelining",
+        "off",
+        "--messages",
+        "500",
+        "--json",
+    ]));
+    assert_eq!(v["messages"], 500, "{v}");
+    assert_eq!(v["config"]["threads"], 3, "{v}");
+
     let s = verify(&server.spool);
-    assert_eq!(s["messages"].as_u64().unwrap(), 400 + 60 + paced, "{s}");
-    assert_eq!(s["recipients"].as_u64().unwrap(), 1200 + 60 + paced, "{s}");
+    assert_eq!(
+        s["messages"].as_u64().unwrap(),
+        400 + 60 + paced + 500,
+        "{s}"
+    );
+    assert_eq!(
+        s["recipients"].as_u64().unwrap(),
+        1200 + 60 + paced + 500,
+        "{s}"
+    );
     assert_eq!(s["corrupt"], 0, "{s}");
     assert!(server.stop().success());
 }
@@ -254,5 +279,63 @@ fn sweep_writes_a_csv_row_per_value_and_an_svg_chart() {
     assert!(svg.contains("throughput (messages/s)") && svg.contains("p99 latency"));
     let s = verify(&server.spool);
     assert_eq!(s["messages"], 120, "{s}");
+    assert!(server.stop().success());
+}
+
+#[test]
+fn refusals_are_counted_by_code_and_fail_the_run_unless_allowed() {
+    // Messages over 2,000 bytes are refused at MAIL (SIZE=), with 552.
+    let mut server = Server::start("load-refusals", "epoll", &["--message-bytes-max", "2000"]);
+    let addr = server.addr();
+    for allow in [false, true] {
+        let mut args = vec![
+            "--target",
+            &addr,
+            "--connections",
+            "4",
+            "--pipelining",
+            "off",
+            "--size-dist",
+            "1000:1,4096:1",
+            "--messages",
+            "100",
+            "--json",
+        ];
+        if allow {
+            args.push("--allow-failures");
+        }
+        let out = load(&args);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let failed = v["messages_failed"].as_u64().unwrap();
+        assert_eq!(v["messages"].as_u64().unwrap() + failed, 100, "{v}");
+        assert!(failed > 10, "about half are too big: {v}");
+        assert_eq!(v["failures"]["552"].as_u64(), Some(failed), "{v}");
+        assert_eq!(v["protocol_errors"], 0, "{v}");
+        assert_eq!(out.status.code(), Some(if allow { 0 } else { 1 }), "{v}");
+        if !allow {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("--allow-failures"), "{stderr}");
+        }
+    }
+    // Pipelined, a refused MAIL costs three errors (552, then 503 for RCPT
+    // and DATA); after 20 the server says 421 and closes (Postfix's
+    // smtpd_hard_error_limit). That is no protocol error, but it fails the run.
+    let out = load(&[
+        "--target",
+        &addr,
+        "--connections",
+        "2",
+        "--size",
+        "4096",
+        "--messages",
+        "100",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["connections_closed_by_server"], 2, "{v}");
+    assert_eq!(v["protocol_errors"], 0, "{v}");
+    assert_eq!(v["messages"], 0, "{v}");
+    assert_eq!(out.status.code(), Some(1), "{v}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("421"));
     assert!(server.stop().success());
 }

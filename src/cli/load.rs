@@ -293,6 +293,12 @@ fn verdict(reports: &[&LoadReport], allow_failures: bool) -> Outcome {
             "lmtp-ingest load: {failed} message(s) refused by the server (failures by reply code above); exit 1 (use --allow-failures to accept refusals)"
         );
     }
+    let closed: u64 = reports.iter().map(|r| r.connections_closed).sum();
+    if closed > 0 && !allow_failures {
+        eprintln!(
+            "lmtp-ingest load: the server closed {closed} connection(s) with 421 (see its reply and log); exit 1 (use --allow-failures to accept that)"
+        );
+    }
     if reports.iter().any(|r| r.is_problem(allow_failures)) {
         Outcome::Problem
     } else {

@@ -99,7 +99,8 @@ pub struct ClientConn {
     /// Per-recipient replies seen after the dot.
     finals: usize,
     finals_ok: u64,
-    refused_any: bool,
+    /// Recipients of this message refused so far.
+    refused: u64,
     dot_at: Option<Instant>,
     scheduled_at: Option<Instant>,
     // LHLO findings.
@@ -161,7 +162,7 @@ impl ClientConn {
             accepted: Vec::with_capacity(n),
             finals: 0,
             finals_ok: 0,
-            refused_any: false,
+            refused: 0,
             dot_at: None,
             scheduled_at: None,
             offers_pipelining: false,
@@ -195,7 +196,7 @@ impl ClientConn {
         self.accepted.clear();
         self.finals = 0;
         self.finals_ok = 0;
-        self.refused_any = false;
+        self.refused = 0;
         self.dot_at = None;
         self.phase = Phase::Envelope;
         self.send = if self.pipelining {
@@ -376,6 +377,22 @@ impl ClientConn {
         tally: &mut Tally,
     ) -> Result<(), ProtocolError> {
         let n = self.templates.recipients.len();
+        if r.code == 421 && self.phase != Phase::Quit {
+            // The server is closing the session (busy, shutting down, too
+            // many errors: RFC 5321 section 3.8). Not a protocol error: the
+            // message in flight fails with 421 and the connection ends.
+            if matches!(self.phase, Phase::Envelope | Phase::Final) {
+                let left = (n as u64).saturating_sub(self.finals_ok + self.refused);
+                tally.fail(421, left);
+                self.refused += left;
+                self.count(now, tally);
+            }
+            tally.connections_closed += 1;
+            self.phase = Phase::Closed;
+            self.send = Send::Nothing;
+            self.waiting_since = None;
+            return Ok(());
+        }
         match self.phase {
             Phase::Greeting => {
                 if r.code != 220 {
@@ -428,7 +445,7 @@ impl ClientConn {
                     2 => self.finals_ok += 1,
                     4 | 5 => {
                         tally.fail(r.code, 1);
-                        self.refused_any = true;
+                        self.refused += 1;
                     }
                     _ => {
                         return Err(
@@ -481,7 +498,7 @@ impl ClientConn {
             if !ok {
                 self.mail_refused = Some(r.code);
                 tally.fail(r.code, n as u64);
-                self.refused_any = true;
+                self.refused = n as u64;
                 if !self.pipelining {
                     // Nothing else was sent: the message is over.
                     self.finish(now, tally);
@@ -497,7 +514,7 @@ impl ClientConn {
                     self.accepted.push((step - 1) as u16);
                 } else {
                     tally.fail(r.code, 1);
-                    self.refused_any = true;
+                    self.refused += 1;
                 }
             }
             if !self.pipelining {
@@ -530,7 +547,7 @@ impl ClientConn {
         if may_send {
             // DATA refused although recipients were accepted.
             tally.fail(r.code, self.accepted.len() as u64);
-            self.refused_any = true;
+            self.refused += self.accepted.len() as u64;
         }
         if self.mail_refused.is_some() {
             self.finish(now, tally);
@@ -556,7 +573,7 @@ impl ClientConn {
             tally.recipients += self.finals_ok;
             tally.bytes += self.templates.sizes[self.size_idx].size as u64;
         }
-        if self.refused_any {
+        if self.refused > 0 {
             tally.messages_failed += 1;
         }
         tally.last_done = Some(now);
@@ -763,6 +780,32 @@ mod tests {
         t.input(b"250 2.0.0 OK\r\n").unwrap();
         assert!(t.c.is_idle());
         assert_eq!(t.tally.failures_by_code(), vec![(550, 1)]);
+    }
+
+    #[test]
+    fn a_421_ends_the_connection_and_fails_the_message_in_flight() {
+        let mut t = T::ready(3, true);
+        pipelined_envelope(&mut t);
+        t.input(b"250 OK\r\n250 OK\r\n550 5.1.1 no\r\n250 OK\r\n354 go\r\n")
+            .unwrap();
+        t.sent();
+        t.input(T::saved(0).as_bytes()).unwrap();
+        t.input(b"421 4.3.2 Shutting down\r\n").unwrap();
+        assert!(t.c.is_closed());
+        assert_eq!(t.tally.failures_by_code(), vec![(421, 1), (550, 1)]);
+        assert_eq!((t.tally.messages, t.tally.messages_failed), (1, 1));
+        assert_eq!(t.tally.connections_closed, 1);
+        assert!(t.c.handle_eof().is_ok());
+
+        // Between messages: nothing fails, the connection just ends.
+        let mut t = T::ready(1, true);
+        t.input(b"421 4.4.2 mx.test Error: timeout exceeded\r\n")
+            .unwrap();
+        assert!(t.c.is_closed());
+        assert_eq!(
+            (t.tally.messages_failed, t.tally.connections_closed),
+            (0, 1)
+        );
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct LoadReport {
     /// Recipients not delivered, by reply code.
     pub failures: Vec<(u16, u64)>,
     pub protocol_errors: u64,
+    /// Connections the server ended with a 421.
+    pub connections_closed: u64,
     /// The first few protocol errors, with context.
     pub errors: Vec<ConnError>,
 }
@@ -63,6 +65,7 @@ impl LoadReport {
             latency_scheduled_us: cfg.rate.map(|_| t.latency_scheduled.percentiles()),
             failures: t.failures_by_code(),
             protocol_errors,
+            connections_closed: t.connections_closed,
             errors,
         }
     }
@@ -80,9 +83,12 @@ impl LoadReport {
         self.bytes as f64 / 1e6 / self.seconds
     }
 
-    /// Whether the exit status should say something went wrong.
+    /// Whether the exit status should say something went wrong: a protocol
+    /// error, or (unless allowed) a refused message or a connection the
+    /// server closed with 421.
     pub fn is_problem(&self, allow_failures: bool) -> bool {
-        self.protocol_errors > 0 || (self.messages_failed > 0 && !allow_failures)
+        self.protocol_errors > 0
+            || ((self.messages_failed > 0 || self.connections_closed > 0) && !allow_failures)
     }
 
     pub fn to_json(&self) -> Value {
@@ -103,6 +109,7 @@ impl LoadReport {
             "latency_us": self.latency_us,
             "failures": failures,
             "protocol_errors": self.protocol_errors,
+            "connections_closed_by_server": self.connections_closed,
             "protocol_error_examples": self.errors.iter().map(|e| json!({
                 "connection": e.conn,
                 "error": e.error.what,
@@ -178,6 +185,12 @@ impl LoadReport {
                 .map(|(c, n)| format!("{c}: {}", group(*n)))
                 .collect();
             s += &format!("failures by reply code (recipients): {}\n", list.join(", "));
+        }
+        if self.connections_closed > 0 {
+            s += &format!(
+                "connections closed by the server (421): {}\n",
+                group(self.connections_closed)
+            );
         }
         s += &format!("protocol errors: {}\n", group(self.protocol_errors));
         for e in &self.errors {

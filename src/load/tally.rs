@@ -30,6 +30,8 @@ pub struct Tally {
     /// With `--rate`: from the message's scheduled start to its last reply
     /// (includes any wait for a free connection: no coordinated omission).
     pub latency_scheduled: LatencyHist,
+    /// Connections the server ended with a 421.
+    pub connections_closed: u64,
     /// When the last message finished.
     pub last_done: Option<Instant>,
 }
@@ -44,6 +46,7 @@ impl Default for Tally {
             failures: [0; CODES],
             latency: LatencyHist::new(),
             latency_scheduled: LatencyHist::new(),
+            connections_closed: 0,
             last_done: None,
         }
     }
@@ -73,6 +76,7 @@ impl Tally {
         }
         self.latency.merge(&o.latency);
         self.latency_scheduled.merge(&o.latency_scheduled);
+        self.connections_closed += o.connections_closed;
         self.last_done = match (self.last_done, o.last_done) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
