@@ -33,6 +33,7 @@ const CONNECTIONS: usize = 64;
 const SIZE: usize = 4096;
 
 struct InProcessServer {
+    dir: PathBuf,
     port: u16,
     backend: &'static str,
     shutdown: Arc<AtomicBool>,
@@ -99,6 +100,7 @@ impl InProcessServer {
             }));
         }
         InProcessServer {
+            dir,
             port,
             backend,
             shutdown,
@@ -108,7 +110,8 @@ impl InProcessServer {
         }
     }
 
-    /// Stops the shards and the spool; returns messages committed.
+    /// Stops the shards and the spool, removes the spool (gigabytes after a
+    /// run); returns messages committed.
     fn stop(mut self) -> u64 {
         self.shutdown.store(true, Ordering::Release);
         for w in &self.wakers {
@@ -120,6 +123,7 @@ impl InProcessServer {
         let spool = self.spool.take().expect("running");
         let committed = spool.stats().messages_committed;
         spool.shutdown();
+        let _ = std::fs::remove_dir_all(&self.dir);
         committed
     }
 }
