@@ -16,6 +16,7 @@
 pub mod config;
 pub mod envelope;
 pub mod io;
+pub mod load;
 pub mod proto;
 pub mod server;
 pub mod spool;

@@ -6,6 +6,7 @@
 //! verify` found corrupt records), 2 the command could not run (bad
 //! arguments, unreadable spool).
 
+mod load;
 mod serve;
 mod spool;
 
@@ -30,6 +31,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Inspect, verify, export and follow a spool.
     Spool(spool::SpoolArgs),
+    /// Load an LMTP server: pipelined clients, every reply checked, rates and latency.
+    Load(load::LoadArgs),
 }
 
 /// What a subcommand reports back.
@@ -53,6 +56,7 @@ pub fn main() -> ExitCode {
             unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
             spool::run(args)
         }
+        Some(Command::Load(args)) => load::run(args),
     };
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,

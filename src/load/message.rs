@@ -1,0 +1,188 @@
+//! The bytes the generator sends, built once per run: for each message size an
+//! envelope (`MAIL FROM`, every `RCPT TO`, `DATA`, as one pipelined write or as
+//! separate commands) and a body (headers, 76-byte lines, some starting with a
+//! dot and so dot-stuffed on the wire, then the final `.`). Connections send
+//! slices of these; nothing is built per message.
+//!
+//! Sizes are message sizes as stored (before dot-stuffing, without the final
+//! dot), which is what the server's spool counts.
+
+/// The sender of every message.
+pub const SENDER: &str = "load@example.com";
+/// Every 16th body line starts with a dot, so the unstuffer has work to do.
+const STUFFED_LINE_EVERY: usize = 16;
+/// Body line length including CRLF (RFC 5322 recommends at most 78).
+const LINE_BYTES: usize = 76;
+const HEADERS: &[u8] = b"From: <load@example.com>\r\nSubject: lmtp-ingest load\r\n\r\n";
+/// Smallest size `--size` accepts: the headers plus a short line.
+pub const SIZE_MIN: usize = 64;
+
+/// Recipient `i`'s address.
+pub fn recipient(i: usize) -> String {
+    format!("user{i}@example.com")
+}
+
+/// One message size's bytes.
+pub struct SizeTemplate {
+    pub size: usize,
+    /// `MAIL FROM:<..> SIZE=n\r\nRCPT TO:<..>\r\n...DATA\r\n`.
+    pub envelope: Vec<u8>,
+    /// End offset of each command in `envelope`: MAIL, each RCPT, DATA.
+    pub command_ends: Vec<usize>,
+    /// The dot-stuffed body followed by `.\r\n`.
+    pub body: Vec<u8>,
+}
+
+impl SizeTemplate {
+    /// Command `k` of the envelope (0: MAIL, 1..=n: RCPT, n+1: DATA).
+    pub fn command(&self, k: usize) -> &[u8] {
+        let start = if k == 0 { 0 } else { self.command_ends[k - 1] };
+        &self.envelope[start..self.command_ends[k]]
+    }
+}
+
+/// Everything a connection sends, shared read-only by all threads.
+pub struct Templates {
+    pub sizes: Vec<SizeTemplate>,
+    /// Cumulative weights for picking a size; the last is the total.
+    cumulative: Vec<u32>,
+    /// Recipient addresses, for checking the per-recipient replies.
+    pub recipients: Vec<String>,
+}
+
+impl Templates {
+    /// `sizes`: (bytes, weight) pairs, weights > 0.
+    pub fn new(sizes: &[(usize, u32)], recipients: usize) -> Templates {
+        let rcpts: Vec<String> = (0..recipients).map(recipient).collect();
+        let mut cumulative = Vec::with_capacity(sizes.len());
+        let mut total = 0u32;
+        let sizes = sizes
+            .iter()
+            .map(|&(size, weight)| {
+                total += weight;
+                cumulative.push(total);
+                build(size, &rcpts)
+            })
+            .collect();
+        Templates {
+            sizes,
+            cumulative,
+            recipients: rcpts,
+        }
+    }
+
+    /// The size index for a random number (any u32).
+    pub fn pick(&self, random: u32) -> usize {
+        let total = *self.cumulative.last().expect("at least one size");
+        let r = random % total;
+        self.cumulative.iter().position(|&c| r < c).unwrap_or(0)
+    }
+}
+
+fn build(size: usize, rcpts: &[String]) -> SizeTemplate {
+    let mut envelope = Vec::new();
+    let mut command_ends = Vec::with_capacity(rcpts.len() + 2);
+    envelope.extend_from_slice(format!("MAIL FROM:<{SENDER}> SIZE={size}\r\n").as_bytes());
+    command_ends.push(envelope.len());
+    for r in rcpts {
+        envelope.extend_from_slice(format!("RCPT TO:<{r}>\r\n").as_bytes());
+        command_ends.push(envelope.len());
+    }
+    envelope.extend_from_slice(b"DATA\r\n");
+    command_ends.push(envelope.len());
+    SizeTemplate {
+        size,
+        envelope,
+        command_ends,
+        body: stuff(&content(size)),
+    }
+}
+
+/// A message of exactly `size` bytes (>= SIZE_MIN) ending in CRLF.
+pub fn content(size: usize) -> Vec<u8> {
+    assert!(size >= SIZE_MIN, "size {size} < {SIZE_MIN}");
+    let mut m = Vec::with_capacity(size);
+    m.extend_from_slice(HEADERS);
+    let mut line = 0usize;
+    while m.len() < size {
+        let left = size - m.len();
+        // The last line takes what is left (at least CRLF).
+        let len = if left >= 2 * LINE_BYTES {
+            LINE_BYTES
+        } else {
+            left
+        };
+        let text = len - 2;
+        for k in 0..text {
+            let c = if k == 0 && line % STUFFED_LINE_EVERY == 0 {
+                b'.'
+            } else {
+                b'a' + ((line * 7 + k) % 26) as u8
+            };
+            m.push(c);
+        }
+        m.extend_from_slice(b"\r\n");
+        line += 1;
+    }
+    debug_assert_eq!(m.len(), size);
+    m
+}
+
+/// The wire form: a dot added before every line that starts with one (RFC
+/// 5321 section 4.5.2), then the terminating `.\r\n`.
+pub fn stuff(content: &[u8]) -> Vec<u8> {
+    let mut w = Vec::with_capacity(content.len() + content.len() / 32 + 3);
+    for l in content.split_inclusive(|&c| c == b'\n') {
+        if l.first() == Some(&b'.') {
+            w.push(b'.');
+        }
+        w.extend_from_slice(l);
+    }
+    w.extend_from_slice(b".\r\n");
+    w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_has_the_exact_size_and_dot_lines() {
+        for size in [SIZE_MIN, 65, 100, 4096, 65536, 100_001] {
+            let c = content(size);
+            assert_eq!(c.len(), size);
+            assert!(c.ends_with(b"\r\n"));
+            if size > 1000 {
+                assert!(c.windows(2).any(|w| w == b"\n."));
+            }
+        }
+    }
+
+    #[test]
+    fn stuffing_doubles_leading_dots_and_terminates() {
+        let w = stuff(b"a\r\n.b\r\n..\r\n");
+        assert_eq!(w, b"a\r\n..b\r\n...\r\n.\r\n");
+        let body = &Templates::new(&[(4096, 1)], 1).sizes[0].body;
+        assert!(body.windows(3).any(|w| w == b"\n.."));
+        assert!(body.ends_with(b"\r\n.\r\n"));
+    }
+
+    #[test]
+    fn envelope_commands_split_exactly() {
+        let t = Templates::new(&[(4096, 1)], 2);
+        let s = &t.sizes[0];
+        assert_eq!(s.command(0), b"MAIL FROM:<load@example.com> SIZE=4096\r\n");
+        assert_eq!(s.command(1), b"RCPT TO:<user0@example.com>\r\n");
+        assert_eq!(s.command(2), b"RCPT TO:<user1@example.com>\r\n");
+        assert_eq!(s.command(3), b"DATA\r\n");
+        assert_eq!(s.command_ends.last(), Some(&s.envelope.len()));
+    }
+
+    #[test]
+    fn pick_follows_the_weights() {
+        let t = Templates::new(&[(100, 70), (200, 30)], 1);
+        let picks: Vec<usize> = (0..100).map(|r| t.pick(r)).collect();
+        assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 70);
+        assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 30);
+    }
+}
