@@ -17,6 +17,7 @@ use crate::config::{Config, IoChoice};
 use crate::io::core::ShardCore;
 use crate::io::epoll::{self, ShardParams, Waker};
 use crate::io::listen;
+use crate::policy::Policy;
 use crate::proto::SessionConfig;
 use crate::spool::Spool;
 
@@ -91,6 +92,17 @@ pub fn run(config: Config) -> Result<(), String> {
     session_cfg.limits = checked.limits.clone();
     session_cfg.bare_line_endings = checked.bare_line_endings;
     session_cfg.detail_delimiters = config.protocol.detail_delimiters.clone();
+    let (policy, loaded) = Policy::new(&checked.policy).map_err(|e| e.to_string())?;
+    if let Some(l) = &loaded {
+        tracing::info!(
+            table = %l.path.display(),
+            entries = l.entries,
+            took_ms = l.took.as_millis() as u64,
+            "recipient table loaded"
+        );
+    }
+    let policy = Arc::new(policy);
+    session_cfg.policy = policy.clone();
     let session_cfg = Arc::new(session_cfg);
 
     let cpus_allowed = allowed_cpus();
@@ -137,7 +149,26 @@ pub fn run(config: Config) -> Result<(), String> {
         took_ms = spool_started.elapsed().as_millis() as u64,
         "spool open: {report}"
     );
-    let listeners = listen::open_all(&checked.listen, shards, checked.unix_socket_mode)?;
+    let unix_perms = listen::UnixPerms {
+        mode: checked.unix_socket_mode,
+        uid: Some(&config.server.unix_socket_owner)
+            .filter(|s| !s.is_empty())
+            .map(|s| listen::resolve_user(s))
+            .transpose()
+            .map_err(|e| format!("server.unix_socket_owner: {e}"))?,
+        gid: Some(&config.server.unix_socket_group)
+            .filter(|s| !s.is_empty())
+            .map(|s| listen::resolve_group(s))
+            .transpose()
+            .map_err(|e| format!("server.unix_socket_group: {e}"))?,
+    };
+    let mut listeners = listen::open_all(&checked.listen, shards, unix_perms)?;
+    // open_all keeps the order of `listen`, which `allow` follows.
+    for shard in &mut listeners {
+        for (l, allow) in shard.iter_mut().zip(&checked.allow) {
+            l.allow = allow.clone();
+        }
+    }
     // The addresses as bound (a port 0 resolved), for the banner.
     let bound: Vec<listen::ListenAddr> = listeners
         .first()
@@ -191,6 +222,12 @@ pub fn run(config: Config) -> Result<(), String> {
         handles.push(handle);
     }
     let addrs: Vec<String> = bound.iter().map(ToString::to_string).collect();
+    let allow: Vec<String> = bound
+        .iter()
+        .zip(&checked.allow)
+        .filter(|(a, _)| matches!(a, listen::ListenAddr::Tcp(_)))
+        .map(|(a, l)| format!("{a} from {l}"))
+        .collect();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         backend,
@@ -200,12 +237,27 @@ pub fn run(config: Config) -> Result<(), String> {
         writers = config.spool.writers,
         hostname = %hostname,
         listen = ?addrs,
+        allow = ?allow,
+        recipients = %policy.describe(),
         "lmtp-ingest ready"
     );
 
     loop {
         match wait_signal(&sigset) {
-            libc::SIGHUP => tracing::info!("SIGHUP: nothing to reload in this version"),
+            libc::SIGHUP => match policy.reload() {
+                Ok(Some(l)) => tracing::info!(
+                    table = %l.path.display(),
+                    entries = l.entries,
+                    took_ms = l.took.as_millis() as u64,
+                    "SIGHUP: recipient table reloaded"
+                ),
+                Ok(None) => {
+                    tracing::info!("SIGHUP: no recipient table configured; nothing to reload")
+                }
+                Err(e) => tracing::error!(
+                    "SIGHUP: recipient table refused, the previous one stays in force: {e}"
+                ),
+            },
             sig => {
                 tracing::info!(
                     signal = sig,

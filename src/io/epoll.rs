@@ -316,6 +316,7 @@ impl Loop<'_> {
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             let Some(peer) = super::admit(
                 &fd,
+                &self.params.listeners[i].allow,
                 self.core.open_connections(),
                 self.params.connections_max,
             ) else {
