@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::access::AllowList;
+use crate::io::LogFormat;
 use crate::io::listen::ListenAddr;
 use crate::policy::PolicySpec;
 use crate::proto::{BareLineEndings, Limits};
@@ -83,6 +84,28 @@ pub struct Config {
     pub spool: SpoolSection,
     pub policy: PolicySection,
     pub access: AccessSection,
+    pub log: LogSection,
+}
+
+/// `[log]`: what the server logs to stderr, and how.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    /// Filter when `RUST_LOG` is unset (which wins when set), in its syntax:
+    /// `info`, `warn,delivery=info`, `off`.
+    pub level: String,
+    /// `text` (default; Postfix-style delivery lines) or `json` (one JSON
+    /// object per line, fields separate).
+    pub format: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -235,6 +258,7 @@ pub struct Checked {
     /// One allow-list per entry of `listen`, in the same order.
     pub allow: Vec<Arc<AllowList>>,
     pub policy: PolicySpec,
+    pub log_format: LogFormat,
 }
 
 impl Config {
@@ -377,6 +401,24 @@ impl Config {
         }
         let allow = self.check_access(&listen)?;
         let policy = self.check_policy()?;
+        let log_format = match self.log.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(bad(
+                    "log.format",
+                    format!("'{other}' is not a format"),
+                    "use \"text\" (default) or \"json\"",
+                ));
+            }
+        };
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(bad(
+                "log.level",
+                format!("'{}' is not a log filter: {e}", self.log.level),
+                "write a level (\"info\", \"warn\") or directives like \"warn,delivery=info\"",
+            ));
+        }
         Ok(Checked {
             listen,
             limits,
@@ -384,6 +426,7 @@ impl Config {
             unix_socket_mode,
             allow,
             policy,
+            log_format,
         })
     }
 
@@ -611,6 +654,28 @@ mod tests {
                 .to_string()
                 .starts_with("access.allow:")
         );
+    }
+
+    #[test]
+    fn log_keys() {
+        let c = Config::from_toml("[log]\nlevel = \"warn,delivery=info\"\nformat = \"json\"\n")
+            .unwrap();
+        assert_eq!(c.check().unwrap().log_format, LogFormat::Json);
+        assert_eq!(
+            Config::default().check().unwrap().log_format,
+            LogFormat::Text
+        );
+        let mut c = Config::default();
+        c.log.format = "syslog".into();
+        assert!(
+            c.check()
+                .unwrap_err()
+                .to_string()
+                .starts_with("log.format:")
+        );
+        let mut c = Config::default();
+        c.log.level = "info,[".into();
+        assert!(c.check().unwrap_err().to_string().starts_with("log.level:"));
     }
 
     #[test]

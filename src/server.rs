@@ -197,6 +197,7 @@ pub fn run(config: Config) -> Result<(), String> {
             shutdown: shutdown.clone(),
             shutdown_grace: Duration::from_secs(config.server.shutdown_grace_secs),
             connections_max,
+            delivery_log: checked.log_format,
         };
         let handle = std::thread::Builder::new()
             .name(format!("shard-{shard_id}"))

@@ -38,8 +38,13 @@ pub struct Delivered {
     pub transaction: u32,
     pub sender: String,
     pub recipients: usize,
+    /// The recipients' addresses as given, for the per-recipient log line.
+    pub rcpts: Vec<String>,
     pub body_bytes: usize,
     pub outcome: CommitOutcome,
+    /// From the final dot until the spool took the message (longer when
+    /// the spool's queues were full).
+    pub queue_latency: std::time::Duration,
     pub commit_latency: std::time::Duration,
 }
 
@@ -53,6 +58,8 @@ struct Conn {
     in_spool: Option<InSpool>,
     /// A message the spool's queues had no room for; retried after outcomes.
     waiting: Option<(Ticket, Message)>,
+    /// When the waiting message's final dot arrived.
+    waiting_since: Instant,
     generation: u32,
 }
 
@@ -60,8 +67,9 @@ struct InSpool {
     ticket: Ticket,
     body_bytes: usize,
     submitted: Instant,
+    dot: Instant,
     sender: String,
-    recipients: usize,
+    rcpts: Vec<String>,
 }
 
 /// Shard-wide counters.
@@ -160,6 +168,7 @@ impl ShardCore {
             held: Vec::new(),
             in_spool: None,
             waiting: None,
+            waiting_since: now,
             generation: self.generation,
         };
         let slot = match self.free.pop() {
@@ -209,6 +218,7 @@ impl ShardCore {
         if let Some(SpoolRequest { ticket, message }) = session.poll_spool() {
             self.inflight_bytes += message.body.len();
             conn.waiting = Some((ticket, message));
+            conn.waiting_since = now;
             self.submit(now, slot);
         }
     }
@@ -224,8 +234,14 @@ impl ShardCore {
             ticket,
             body_bytes: message.body.len(),
             submitted: now,
+            dot: conn.waiting_since,
             sender: message.envelope.reverse_path.to_string(),
-            recipients: message.envelope.recipients.len(),
+            rcpts: message
+                .envelope
+                .recipients
+                .iter()
+                .map(|r| r.mailbox.address())
+                .collect(),
         };
         match self
             .producer
@@ -287,9 +303,11 @@ impl ShardCore {
                 peer: session.client().peer.clone(),
                 transaction: info.ticket.0,
                 sender: info.sender,
-                recipients: info.recipients,
+                recipients: info.rcpts.len(),
+                rcpts: info.rcpts,
                 body_bytes: info.body_bytes,
                 outcome,
+                queue_latency: info.submitted.saturating_duration_since(info.dot),
                 commit_latency: now.saturating_duration_since(info.submitted),
             });
             session.handle_commit(now, info.ticket, outcome);

@@ -64,34 +64,70 @@ pub fn admit(
     }
 }
 
-/// One log line per message: queue id, client, sender, recipients, size,
-/// commit latency, outcome.
-pub fn log_delivery(shard: usize, d: &core::Delivered) {
-    let latency_us = d.commit_latency.as_micros() as u64;
-    match d.outcome {
-        CommitOutcome::Committed(id) => tracing::info!(
-            target: "delivery",
-            shard,
-            queue_id = %id,
-            client = %d.peer,
-            session = format_args!("{:x}.{}", d.session_id, d.transaction),
-            from = %d.sender,
-            rcpts = d.recipients,
-            size = d.body_bytes,
-            commit_us = latency_us,
-            "stored"
-        ),
-        other => tracing::warn!(
-            target: "delivery",
-            shard,
-            client = %d.peer,
-            session = format_args!("{:x}.{}", d.session_id, d.transaction),
-            from = %d.sender,
-            rcpts = d.recipients,
-            size = d.body_bytes,
-            commit_us = latency_us,
-            outcome = ?other,
-            "not stored"
-        ),
+/// How delivery lines are written: Postfix-style text or JSON fields.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// One log line per recipient of a message whose outcome arrived, under the
+/// `delivery` target, in the shape operators know from Postfix:
+///
+/// ```text
+/// 01JD3...: to=<alice@example.org>, client=192.0.2.7:41822, from=<s@example.net>, size=600,
+///   delay=0.0042, delays=0.0001/0.0041, dsn=2.0.0, status=sent (250 2.0.0 <alice@example.org> 01JD3... Saved)
+/// ```
+///
+/// `delay`: final dot to reply, in seconds; `delays`: waiting for room in
+/// the spool's queue / write and fdatasync. `status` is `sent` (stored) or
+/// `deferred` (the 4xx the client got; nothing stored, the queue id reads
+/// `NOQUEUE`). With [`LogFormat::Json`] the same items are separate fields.
+/// Stored messages log at `info`, others at `warn`.
+pub fn log_delivery(shard: usize, format: LogFormat, d: &core::Delivered) {
+    use crate::proto::reply::{self, Delivery};
+    let (queue_id, status, delivery) = match d.outcome {
+        CommitOutcome::Committed(id) => (id.to_string(), "sent", Delivery::Saved(id)),
+        CommitOutcome::Failed => ("NOQUEUE".to_string(), "deferred", Delivery::TempFailure),
+        CommitOutcome::StorageFull => ("NOQUEUE".to_string(), "deferred", Delivery::StorageFull),
+    };
+    let delay = (d.queue_latency + d.commit_latency).as_secs_f64();
+    let delays = format!(
+        "{:.4}/{:.4}",
+        d.queue_latency.as_secs_f64(),
+        d.commit_latency.as_secs_f64()
+    );
+    let session = format!("{:x}.{}", d.session_id, d.transaction);
+    let mut buf = Vec::with_capacity(128);
+    for rcpt in &d.rcpts {
+        buf.clear();
+        reply::delivery(&mut buf, rcpt, delivery);
+        let text = String::from_utf8_lossy(buf.trim_ascii_end());
+        let dsn = text.split(' ').nth(1).unwrap_or("");
+        match (format, status) {
+            (LogFormat::Text, "sent") => tracing::info!(
+                target: "delivery",
+                "{queue_id}: to=<{rcpt}>, client={}, from={}, size={}, delay={delay:.4}, delays={delays}, dsn={dsn}, status={status} ({text})",
+                d.peer, d.sender, d.body_bytes
+            ),
+            (LogFormat::Text, _) => tracing::warn!(
+                target: "delivery",
+                "{queue_id}: to=<{rcpt}>, client={}, from={}, size={}, delay={delay:.4}, delays={delays}, dsn={dsn}, status={status} ({text})",
+                d.peer, d.sender, d.body_bytes
+            ),
+            (LogFormat::Json, "sent") => tracing::info!(
+                target: "delivery",
+                queue_id = %queue_id, to = %rcpt, client = %d.peer, from = %d.sender,
+                size = d.body_bytes, delay, delays = %delays, dsn, status, reply = %text,
+                shard, session = %session, "delivery"
+            ),
+            (LogFormat::Json, _) => tracing::warn!(
+                target: "delivery",
+                queue_id = %queue_id, to = %rcpt, client = %d.peer, from = %d.sender,
+                size = d.body_bytes, delay, delays = %delays, dsn, status, reply = %text,
+                shard, session = %session, "delivery"
+            ),
+        }
     }
 }

@@ -730,7 +730,7 @@ impl Loop<'_> {
 
     fn log_deliveries(&mut self) {
         for d in self.core.take_delivered() {
-            super::log_delivery(self.params.shard_id, &d);
+            super::log_delivery(self.params.shard_id, self.params.delivery_log, &d);
         }
     }
 
