@@ -85,6 +85,16 @@ pub struct Config {
     pub policy: PolicySection,
     pub access: AccessSection,
     pub log: LogSection,
+    pub metrics: MetricsSection,
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSection {
+    /// `IP:PORT` serving `GET /metrics`, e.g. "127.0.0.1:9425"; empty
+    /// (the default): no endpoint.
+    pub listen: String,
 }
 
 /// `[log]`: what the server logs to stderr, and how.
@@ -259,6 +269,7 @@ pub struct Checked {
     pub allow: Vec<Arc<AllowList>>,
     pub policy: PolicySpec,
     pub log_format: LogFormat,
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -419,6 +430,16 @@ impl Config {
                 "write a level (\"info\", \"warn\") or directives like \"warn,delivery=info\"",
             ));
         }
+        let metrics_listen = match self.metrics.listen.as_str() {
+            "" => None,
+            a => Some(a.parse::<std::net::SocketAddr>().map_err(|_| {
+                bad(
+                    "metrics.listen",
+                    format!("'{a}' is not IP:PORT"),
+                    "write e.g. \"127.0.0.1:9425\" (loopback: scrape locally or through a proxy), or \"\" for no endpoint",
+                )
+            })?),
+        };
         Ok(Checked {
             listen,
             limits,
@@ -427,6 +448,7 @@ impl Config {
             allow,
             policy,
             log_format,
+            metrics_listen,
         })
     }
 
@@ -676,6 +698,20 @@ mod tests {
         let mut c = Config::default();
         c.log.level = "info,[".into();
         assert!(c.check().unwrap_err().to_string().starts_with("log.level:"));
+        assert_eq!(Config::default().check().unwrap().metrics_listen, None);
+        let mut c = Config::default();
+        c.metrics.listen = "127.0.0.1:9425".into();
+        assert_eq!(
+            c.check().unwrap().metrics_listen,
+            Some("127.0.0.1:9425".parse().unwrap())
+        );
+        c.metrics.listen = "localhost:9425".into();
+        assert!(
+            c.check()
+                .unwrap_err()
+                .to_string()
+                .starts_with("metrics.listen:")
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod access;
 pub mod config;
 pub mod envelope;
 pub mod io;
+pub mod metrics;
 pub mod policy;
 pub mod proto;
 pub mod server;

@@ -175,6 +175,11 @@ pub fn run(config: Config) -> Result<(), String> {
         .map(|l| l.iter().map(|l| l.addr.clone()).collect())
         .unwrap_or_default();
 
+    let metrics_listener = checked
+        .metrics_listen
+        .map(crate::metrics::http::MetricsServer::bind)
+        .transpose()?;
+    let mut shard_metrics = Vec::new();
     let shutdown = Arc::new(AtomicBool::new(false));
     let connections_max = config.server.connections_max.div_ceil(shards);
     let mut handles = Vec::new();
@@ -190,6 +195,7 @@ pub fn run(config: Config) -> Result<(), String> {
             shard_id as u16,
             config.server.shard_inflight_bytes_max as usize,
         );
+        shard_metrics.push(core.metrics());
         let params = ShardParams {
             shard_id,
             listeners,
@@ -222,6 +228,18 @@ pub fn run(config: Config) -> Result<(), String> {
             .map_err(|e| format!("starting shard thread {shard_id}: {e}"))?;
         handles.push(handle);
     }
+    let metrics = match metrics_listener {
+        Some(listener) => {
+            let registry = crate::metrics::Registry {
+                shards: shard_metrics,
+                spool: spool.metrics_source(),
+            };
+            let m = crate::metrics::http::MetricsServer::start(listener, registry)?;
+            tracing::info!(addr = %m.addr, "metrics endpoint listening: http://{}/metrics", m.addr);
+            Some(m)
+        }
+        None => None,
+    };
     let addrs: Vec<String> = bound.iter().map(ToString::to_string).collect();
     let allow: Vec<String> = bound
         .iter()
@@ -274,6 +292,9 @@ pub fn run(config: Config) -> Result<(), String> {
     }
     for h in handles {
         let _ = h.join();
+    }
+    if let Some(m) = metrics {
+        m.stop();
     }
     let stats = spool.stats();
     spool.shutdown();

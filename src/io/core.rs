@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use crate::envelope::{CommitOutcome, Message};
+use crate::metrics::{ShardMetrics, bump};
 use crate::proto::{Session, SessionConfig, SpoolRequest, Ticket};
 use crate::spool::{Producer, RejectReason};
 
@@ -60,7 +61,27 @@ struct Conn {
     waiting: Option<(Ticket, Message)>,
     /// When the waiting message's final dot arrived.
     waiting_since: Instant,
+    /// The session's (bare CR, bare LF, refused for bare line endings)
+    /// counts already added to the shard's metrics.
+    counted: [u64; 3],
     generation: u32,
+}
+
+/// Adds what a session counted since the last call to the shard's metrics.
+fn count_session(m: &ShardMetrics, counted: &mut [u64; 3], session: &Session) {
+    let s = session.stats();
+    let now = [s.bare_cr, s.bare_lf, s.messages_refused_bare_line_endings];
+    let targets = [
+        &m.bare_cr,
+        &m.bare_lf,
+        &m.messages_refused_bare_line_endings,
+    ];
+    for ((seen, n), c) in counted.iter_mut().zip(now).zip(targets) {
+        if n > *seen {
+            bump(c, n - *seen);
+            *seen = n;
+        }
+    }
 }
 
 struct InSpool {
@@ -102,6 +123,8 @@ pub struct ShardCore {
     delivered: Vec<Delivered>,
     shutting_down: bool,
     stats: CoreStats,
+    /// Read by the metrics endpoint; written only here.
+    metrics: Arc<ShardMetrics>,
 }
 
 impl ShardCore {
@@ -127,7 +150,24 @@ impl ShardCore {
             delivered: Vec::new(),
             shutting_down: false,
             stats: CoreStats::default(),
+            metrics: Arc::new(ShardMetrics::default()),
         }
+    }
+
+    /// This shard's counters, for the metrics endpoint.
+    pub fn metrics(&self) -> Arc<ShardMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Publishes the gauges (one relaxed store each).
+    fn publish_gauges(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.metrics
+            .connections_open
+            .store(self.stats.connections_open, Relaxed);
+        self.metrics
+            .inflight_bytes
+            .store(self.inflight_bytes as u64, Relaxed);
     }
 
     pub fn stats(&self) -> CoreStats {
@@ -169,6 +209,7 @@ impl ShardCore {
             in_spool: None,
             waiting: None,
             waiting_since: now,
+            counted: [0; 3],
             generation: self.generation,
         };
         let slot = match self.free.pop() {
@@ -183,6 +224,8 @@ impl ShardCore {
         };
         self.stats.connections_opened += 1;
         self.stats.connections_open += 1;
+        bump(&self.metrics.connections_opened, 1);
+        self.publish_gauges();
         self.dirty.push(slot);
         slot
     }
@@ -202,10 +245,12 @@ impl ShardCore {
             if n < bytes.len() {
                 conn.held.extend_from_slice(&bytes[n..]);
             }
+            count_session(&self.metrics, &mut conn.counted, session);
         } else {
             conn.held.extend_from_slice(bytes);
         }
         self.after_input(now, slot);
+        self.publish_gauges();
         self.dirty.push(slot);
     }
 
@@ -289,9 +334,18 @@ impl ShardCore {
             };
             self.inflight_bytes -= info.body_bytes;
             match outcome {
-                CommitOutcome::Committed(_) => self.stats.messages_committed += 1,
+                CommitOutcome::Committed(_) => {
+                    self.stats.messages_committed += 1;
+                    bump(&self.metrics.messages, 1);
+                    bump(&self.metrics.recipients, info.rcpts.len() as u64);
+                    bump(&self.metrics.bytes, info.body_bytes as u64);
+                }
                 _ => self.stats.messages_failed += 1,
             }
+            self.metrics.dot_to_reply_ns.observe(
+                crate::metrics::LATENCY_BOUNDS_NS,
+                now.saturating_duration_since(info.dot).as_nanos() as u64,
+            );
             let Some(session) = conn.session.as_mut() else {
                 // The client left while we were committing: free the slot now.
                 self.conns[slot] = None;
@@ -315,6 +369,7 @@ impl ShardCore {
             if !conn.held.is_empty() {
                 let held = std::mem::take(&mut conn.held);
                 let n = session.handle_input(now, &held);
+                count_session(&self.metrics, &mut conn.counted, session);
                 conn.held = held;
                 conn.held.drain(..n);
                 self.after_input(now, slot);
@@ -322,6 +377,7 @@ impl ShardCore {
             self.dirty.push(slot);
         }
         self.completions = completions;
+        self.publish_gauges();
         let retries = self.retry.len();
         for _ in 0..retries {
             let Some(slot) = self.retry.pop_front() else {
@@ -350,11 +406,17 @@ impl ShardCore {
 
     /// Appends `slot`'s pending reply bytes to `out`.
     pub fn take_output(&mut self, slot: Slot, out: &mut Vec<u8>) -> bool {
-        self.conns
+        let from = out.len();
+        let got = self
+            .conns
             .get_mut(slot)
             .and_then(Option::as_mut)
             .and_then(|c| c.session.as_mut())
-            .is_some_and(|s| s.poll_output(out))
+            .is_some_and(|s| s.poll_output(out));
+        if got {
+            self.metrics.count_replies(&out[from..]);
+        }
+        got
     }
 
     /// Whether the backend should read from `slot` now.
@@ -414,6 +476,7 @@ impl ShardCore {
             self.conns[slot] = None;
             self.free.push(slot);
         }
+        self.publish_gauges();
     }
 
     /// When the next session deadline falls.
