@@ -162,3 +162,66 @@ fn scraped_counters_match_what_clients_sent() {
         assert!(server.stop().success());
     }
 }
+
+#[test]
+fn scraped_during_a_postfix_smtp_source_run() {
+    const MESSAGES: u64 = 300;
+    const RCPTS: u64 = 5;
+    const SESSIONS: u64 = 4;
+    let smtp_source = "/usr/sbin/smtp-source";
+    assert!(
+        std::path::Path::new(smtp_source).exists(),
+        "{smtp_source} is missing: install Debian's postfix package (.ci/run does)"
+    );
+    for io in backends() {
+        let dir = test_dir(&format!("ops-metrics-smtp-source-{io}"));
+        let c = dir.join("config.toml");
+        std::fs::write(&c, "[metrics]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+        let mut server = Server::start_in(&dir, io, &["--config", &c.display().to_string()]);
+        let line = server
+            .wait_log("metrics endpoint listening", Duration::from_secs(10))
+            .unwrap();
+        let at = line.find("http://").unwrap() + 7;
+        let metrics = line[at..].split('/').next().unwrap().to_string();
+        let mut child = std::process::Command::new(smtp_source)
+            .args(["-L", "-s", &SESSIONS.to_string(), "-r", &RCPTS.to_string()])
+            .args(["-l", "2048", "-m", &MESSAGES.to_string()])
+            .args(["-f", "sender@example.org", "-t", "rcpt@example.com"])
+            .arg(server.addr())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut during = Vec::new();
+        let status = loop {
+            during.push(scrape(&metrics)["lmtp_ingest_messages_total"]);
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(status.success(), "smtp-source failed");
+        assert!(during.windows(2).all(|w| w[0] <= w[1]), "{during:?}");
+        let m = scrape(&metrics);
+        assert_eq!(m["lmtp_ingest_messages_total"], MESSAGES as f64);
+        assert_eq!(m["lmtp_ingest_recipients_total"], (MESSAGES * RCPTS) as f64);
+        // smtp-source opens one connection per message (SESSIONS at a time).
+        assert_eq!(m["lmtp_ingest_connections_opened_total"], MESSAGES as f64);
+        assert_eq!(
+            m["lmtp_ingest_replies_total{code=\"220\"}"],
+            MESSAGES as f64
+        );
+        assert_eq!(
+            m["lmtp_ingest_replies_total{code=\"354\"}"],
+            MESSAGES as f64
+        );
+        assert_eq!(m["lmtp_ingest_dot_to_reply_seconds_count"], MESSAGES as f64);
+        assert_eq!(
+            m["lmtp_ingest_received_bytes_total"],
+            m["lmtp_ingest_batch_bytes_sum"]
+        );
+        assert!(server.stop().success());
+        let v = server_util::verify(&server.spool);
+        assert_eq!(v["messages"], MESSAGES, "{v}");
+        assert_eq!(v["recipients"], MESSAGES * RCPTS, "{v}");
+    }
+}

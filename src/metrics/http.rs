@@ -52,8 +52,12 @@ impl MetricsServer {
                     if flag.load(Ordering::Acquire) {
                         break;
                     }
-                    if let Ok(stream) = conn {
-                        let _ = serve(stream, &registry);
+                    match conn {
+                        Ok(stream) => {
+                            let _ = serve(stream, &registry);
+                        }
+                        // Out of descriptors, say: do not spin on it.
+                        Err(_) => std::thread::sleep(Duration::from_millis(100)),
                     }
                 }
             })
