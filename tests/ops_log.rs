@@ -1,6 +1,7 @@
 //! The delivery log on the real server: one line per recipient, Postfix
 //! style by default and JSON objects with `log.format = "json"`, each naming
-//! the queue id the client got. Runs on each backend.
+//! the queue id the client got; the filter comes from `[log] level` when
+//! `RUST_LOG` is unset. Format tests run on each backend.
 
 mod server_util;
 
@@ -81,4 +82,58 @@ fn json_format_has_separate_fields() {
             assert!(f["client"].as_str().unwrap().starts_with("127.0.0.1:"));
         }
     }
+}
+
+/// Runs the server with `RUST_LOG` unset and `[log] level = LEVEL`, over a
+/// UNIX socket only (the banner may be filtered out); delivers one message;
+/// returns everything it logged.
+fn log_with_level(name: &str, level: &str) -> String {
+    let dir = test_dir(name);
+    let socket = dir.join("lmtp.sock");
+    let c = dir.join("config.toml");
+    std::fs::write(&c, format!("[log]\nlevel = \"{level}\"\n")).unwrap();
+    let child = std::process::Command::new(server_util::BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(&c)
+        .arg("--listen")
+        .arg(format!("unix:{}", socket.display()))
+        .arg("--spool")
+        .arg(dir.join("spool"))
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut waited = 0;
+    let stream = loop {
+        if let Ok(s) = std::os::unix::net::UnixStream::connect(&socket) {
+            break s;
+        }
+        assert!(waited < 1000, "the server did not open its socket");
+        std::thread::sleep(Duration::from_millis(20));
+        waited += 1;
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut c = Client::greet(stream).unwrap();
+    c.cmd("LHLO log.test", "250").unwrap();
+    c.deliver("s@example.net", &["a@example.org".to_string()], b"x\r\n")
+        .unwrap();
+    c.cmd("QUIT", "221").unwrap();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn level_comes_from_the_config_when_rust_log_is_unset() {
+    let quiet = log_with_level("ops-log-level-warn", "warn");
+    assert!(!quiet.contains("to=<a@example.org>"), "{quiet}");
+    assert!(!quiet.contains("lmtp-ingest ready"), "{quiet}");
+    let deliveries = log_with_level("ops-log-level-delivery", "warn,delivery=info");
+    assert!(deliveries.contains("to=<a@example.org>"), "{deliveries}");
+    assert!(!deliveries.contains("lmtp-ingest ready"), "{deliveries}");
 }

@@ -87,6 +87,15 @@ pub enum LogFormat {
 /// Stored messages log at `info`, others at `warn`.
 pub fn log_delivery(shard: usize, format: LogFormat, d: &core::Delivered) {
     use crate::proto::reply::{self, Delivery};
+    // Nothing to format when the filter drops these lines (perf showed the
+    // formatting at 0.15% of a loaded server's CPU with RUST_LOG=warn).
+    let enabled = match d.outcome {
+        CommitOutcome::Committed(_) => tracing::enabled!(target: "delivery", tracing::Level::INFO),
+        _ => tracing::enabled!(target: "delivery", tracing::Level::WARN),
+    };
+    if !enabled {
+        return;
+    }
     let (queue_id, status, delivery) = match d.outcome {
         CommitOutcome::Committed(id) => (id.to_string(), "sent", Delivery::Saved(id)),
         CommitOutcome::Failed => ("NOQUEUE".to_string(), "deferred", Delivery::TempFailure),
