@@ -14,6 +14,16 @@ use std::time::Duration;
 
 use server_util::{Client, Server, backends, test_dir};
 
+/// Removes a test's directory when dropped: its spool holds preallocated
+/// segments, and a full test run would otherwise leave gigabytes behind.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn start_with(name: &str, io: &str, config: &str, extra: &[&str]) -> Server {
     let dir = test_dir(name);
     let c = dir.join("config.toml");
@@ -61,6 +71,7 @@ fn listener_allow_list_refuses_others_unix_socket_perms_applied() {
             current_group_name()
         );
         let mut server = start_with(&format!("ops-allow-{io}"), io, &config, &[]);
+        let _dir = RemoveOnDrop(server.dir.clone());
         let (line, closed) = first_line_from("127.0.0.1", &server.addr());
         assert!(line.starts_with("554 5.7.1 "), "{line}");
         assert!(closed, "the refused connection is closed");
@@ -104,12 +115,31 @@ fn global_allow_list_refuses_a_second_loopback_address() {
         let mut server = start_with(
             &format!("ops-allow-global-{io}"),
             io,
-            "[access]\nallow = [\"127.0.0.1/32\"]\n",
+            "[access]\nallow = [\"127.0.0.1/32\"]\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
             &[],
         );
+        let _dir = RemoveOnDrop(server.dir.clone());
         let (line, closed) = first_line_from("127.0.0.2", &server.addr());
         assert_eq!(line, "554 5.7.1 Access denied: client not allowed");
         assert!(closed);
+        // Counted for the metrics endpoint.
+        let log = server
+            .wait_log("metrics endpoint listening", Duration::from_secs(10))
+            .unwrap();
+        let at = log.find("http://").unwrap() + 7;
+        let metrics = log[at..].split('/').next().unwrap().to_string();
+        let mut s = TcpStream::connect(&metrics).unwrap();
+        std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        assert!(
+            text.contains("lmtp_ingest_connections_refused_total{reason=\"access\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lmtp_ingest_connections_opened_total 0\n"),
+            "{text}"
+        );
         let mut c = Client::tcp(&server.addr()).unwrap();
         c.cmd("QUIT", "221").unwrap();
         assert!(server.stop().success());
@@ -131,6 +161,7 @@ fn serve_fails(dir: &Path, args: &[&str]) -> String {
 #[test]
 fn public_bind_needs_an_explicit_allow_list() {
     let dir = test_dir("ops-public");
+    let _dir = RemoveOnDrop(dir.clone());
     let err = serve_fails(&dir, &["--listen", "0.0.0.0:0"]);
     assert!(
         err.contains("no allow-list") && err.contains("0.0.0.0/0"),
@@ -144,6 +175,7 @@ fn public_bind_needs_an_explicit_allow_list() {
         "[access]\nallow = [\"0.0.0.0/0\", \"::/0\"]\n",
         &["--listen", "0.0.0.0:0"],
     );
+    let _dir = RemoveOnDrop(server.dir.clone());
     let line = first_line_from_allowed(&server);
     assert!(line.starts_with("220 "), "{line}");
     assert!(server.stop().success());

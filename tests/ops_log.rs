@@ -9,6 +9,16 @@ use std::time::Duration;
 
 use server_util::{Client, Server, backends, body_for, test_dir};
 
+/// Removes a test's directory when dropped: its spool holds preallocated
+/// segments, and a full test run would otherwise leave gigabytes behind.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn start(name: &str, io: &str, config: &str) -> Server {
     let dir = test_dir(name);
     let c = dir.join("config.toml");
@@ -31,6 +41,7 @@ fn deliver_two(server: &Server) -> String {
 fn one_postfix_style_line_per_recipient() {
     for io in backends() {
         let mut server = start(&format!("ops-log-text-{io}"), io, "");
+        let _dir = RemoveOnDrop(server.dir.clone());
         let id = deliver_two(&server);
         for rcpt in ["a@example.org", "b+x@example.org"] {
             let line = server
@@ -59,6 +70,7 @@ fn json_format_has_separate_fields() {
             io,
             "[log]\nformat = \"json\"\n",
         );
+        let _dir = RemoveOnDrop(server.dir.clone());
         let id = deliver_two(&server);
         server.wait_log("b+x@example.org", Duration::from_secs(10));
         assert!(server.stop().success());
@@ -89,6 +101,7 @@ fn json_format_has_separate_fields() {
 /// returns everything it logged.
 fn log_with_level(name: &str, level: &str) -> String {
     let dir = test_dir(name);
+    let _dir = RemoveOnDrop(dir.clone());
     let socket = dir.join("lmtp.sock");
     let c = dir.join("config.toml");
     std::fs::write(&c, format!("[log]\nlevel = \"{level}\"\n")).unwrap();

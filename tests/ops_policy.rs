@@ -15,6 +15,16 @@ use std::time::Duration;
 use lmtp_ingest::envelope::QueueId;
 use server_util::{Client, Server, backends, body_for, test_dir};
 
+/// Removes a test's directory when dropped: its spool holds preallocated
+/// segments, and a full test run would otherwise leave gigabytes behind.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Writes `config.toml` (a table policy) and the table; returns the flags.
 fn table_config(dir: &Path, table: &str) -> Vec<String> {
     let t = dir.join("recipients");
@@ -64,6 +74,7 @@ fn unknown_recipient_refused_at_rcpt_others_stored() {
             io,
             "# known users\nalice@example.org\nbob@Example.ORG\n",
         );
+        let _dir = RemoveOnDrop(server.dir.clone());
         let mut c = Client::tcp(&server.addr()).unwrap();
         c.cmd("LHLO client.test", "250").unwrap();
         c.cmd("MAIL FROM:<sender@example.net>", "250 ").unwrap();
@@ -98,6 +109,7 @@ fn unknown_recipient_refused_at_rcpt_others_stored() {
 fn callout_answers_truthfully_and_stores_nothing() {
     for io in backends() {
         let mut server = start(&format!("ops-callout-{io}"), io, "alice@example.org\n");
+        let _dir = RemoveOnDrop(server.dir.clone());
         let mut c = Client::tcp(&server.addr()).unwrap();
         c.cmd("LHLO mx.example.net", "250").unwrap();
         c.cmd("MAIL FROM:<>", "250 ").unwrap();
@@ -118,6 +130,7 @@ fn reload_under_load_loses_nothing_and_takes_effect() {
     const CLIENTS: usize = 3;
     for io in backends() {
         let mut server = start(&format!("ops-reload-{io}"), io, "user@example.org\n");
+        let _dir = RemoveOnDrop(server.dir.clone());
         let addr = server.addr();
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(Vec::<(String, u64)>::new()));
@@ -190,6 +203,7 @@ fn reload_under_load_loses_nothing_and_takes_effect() {
 fn bad_table_on_reload_keeps_the_old_one_and_names_file_and_line() {
     for io in backends() {
         let mut server = start(&format!("ops-badtable-{io}"), io, "alice@example.org\n");
+        let _dir = RemoveOnDrop(server.dir.clone());
         rewrite_table(&server, "bob@example.org\n# fine so far\nnot an address\n");
         sighup(&server);
         let path = server.dir.join("recipients");
@@ -210,6 +224,7 @@ fn bad_table_on_reload_keeps_the_old_one_and_names_file_and_line() {
 #[test]
 fn a_bad_table_at_start_up_is_refused() {
     let dir = test_dir("ops-badstart");
+    let _dir = RemoveOnDrop(dir.clone());
     let flags = table_config(&dir, "ok@example.org\nbad@\n");
     let out = std::process::Command::new(server_util::BIN)
         .arg("serve")

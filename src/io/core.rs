@@ -159,6 +159,11 @@ impl ShardCore {
         self.metrics.clone()
     }
 
+    /// The same, borrowed (for `io::admit`).
+    pub fn metrics_ref(&self) -> &ShardMetrics {
+        &self.metrics
+    }
+
     /// Publishes the gauges (one relaxed store each).
     fn publish_gauges(&self) {
         use std::sync::atomic::Ordering::Relaxed;

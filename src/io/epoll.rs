@@ -319,6 +319,7 @@ impl Loop<'_> {
             let Some(peer) = super::admit(
                 &fd,
                 &self.params.listeners[i].allow,
+                self.core.metrics_ref(),
                 self.core.open_connections(),
                 self.params.connections_max,
             ) else {

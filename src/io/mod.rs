@@ -15,6 +15,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use crate::access::AllowList;
 use crate::envelope::CommitOutcome;
+use crate::metrics::ShardMetrics;
 
 /// Sends a one-line refusal on a socket about to be closed.
 fn refuse(fd: &OwnedFd, msg: &'static [u8]) {
@@ -39,6 +40,7 @@ fn refuse(fd: &OwnedFd, msg: &'static [u8]) {
 pub fn admit(
     fd: &OwnedFd,
     allow: &AllowList,
+    metrics: &ShardMetrics,
     open_connections: usize,
     connections_max: usize,
 ) -> Option<String> {
@@ -48,11 +50,13 @@ pub fn admit(
         if !allow.allows(addr.ip()) {
             tracing::info!(client = %addr, allow = %allow, "refused: client not in the listener's allow-list");
             refuse(fd, b"554 5.7.1 Access denied: client not allowed\r\n");
+            crate::metrics::bump(&metrics.connections_refused_access, 1);
             return None;
         }
     }
     if open_connections >= connections_max {
         refuse(fd, b"421 4.7.0 Too many connections, try again later\r\n");
+        crate::metrics::bump(&metrics.connections_refused_limit, 1);
         return None;
     }
     match peer {

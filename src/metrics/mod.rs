@@ -100,6 +100,10 @@ pub struct ShardMetrics {
     pub connections_opened: AtomicU64,
     /// Gauge.
     pub connections_open: AtomicU64,
+    /// Refused with `554 5.7.1`: not in the listener's allow-list.
+    pub connections_refused_access: AtomicU64,
+    /// Refused with `421`: the shard held `connections_max` already.
+    pub connections_refused_limit: AtomicU64,
     pub messages: AtomicU64,
     pub recipients: AtomicU64,
     pub bytes: AtomicU64,
@@ -117,6 +121,8 @@ impl Default for ShardMetrics {
         ShardMetrics {
             connections_opened: AtomicU64::new(0),
             connections_open: AtomicU64::new(0),
+            connections_refused_access: AtomicU64::new(0),
+            connections_refused_limit: AtomicU64::new(0),
             messages: AtomicU64::new(0),
             recipients: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -214,6 +220,20 @@ impl Registry {
             "Connections open now.",
             "gauge",
             sum(|s| &s.connections_open),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP lmtp_ingest_connections_refused_total Connections refused before a session: reason=\"access\" (554 5.7.1, not in the allow-list), reason=\"limit\" (421, connections_max reached).\n# TYPE lmtp_ingest_connections_refused_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "lmtp_ingest_connections_refused_total{{reason=\"access\"}} {}",
+            sum(|s| &s.connections_refused_access)
+        );
+        let _ = writeln!(
+            out,
+            "lmtp_ingest_connections_refused_total{{reason=\"limit\"}} {}",
+            sum(|s| &s.connections_refused_limit)
         );
         counter(
             &mut out,
