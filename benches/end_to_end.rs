@@ -7,27 +7,20 @@
 //! protocol error, and at the end the spool's own count of committed messages
 //! must equal what the client sent. A broken server fails the bench.
 //!
-//! The server is assembled from the library's pieces the way `server::run`
-//! does it (spool, listeners, one `ShardCore` and event loop per shard), with
-//! no signal handling, so the bench can stop it. The spool lives under
-//! target/ (the real disk, never tmpfs).
+//! The server is started with `server::start` (what `serve` runs, minus the
+//! signal handling), so the bench can stop it. The spool lives under target/
+//! (the real disk, never tmpfs).
 //!
 //! Run: `cargo bench --bench end_to_end` (about a minute).
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use lmtp_ingest::config::Config;
-use lmtp_ingest::io::core::ShardCore;
-use lmtp_ingest::io::epoll::{self, ShardParams, Waker};
-use lmtp_ingest::io::listen;
+use lmtp_ingest::io::listen::ListenAddr;
 use lmtp_ingest::load::{self, LoadConfig, Target};
-use lmtp_ingest::proto::SessionConfig;
-use lmtp_ingest::spool::Spool;
+use lmtp_ingest::server::{self, Running};
 
 const CONNECTIONS: usize = 64;
 const SIZE: usize = 4096;
@@ -36,10 +29,7 @@ struct InProcessServer {
     dir: PathBuf,
     port: u16,
     backend: &'static str,
-    shutdown: Arc<AtomicBool>,
-    wakers: Vec<Arc<Waker>>,
-    shards: Vec<JoinHandle<()>>,
-    spool: Option<Spool>,
+    running: Running,
 }
 
 impl InProcessServer {
@@ -52,77 +42,25 @@ impl InProcessServer {
         let mut config = Config::default();
         config.server.listen = vec!["127.0.0.1:0".into()];
         config.server.hostname = "bench.test".into();
+        config.server.shutdown_grace_secs = 5;
         config.spool.dir = dir.join("spool");
-        let checked = config.check().expect("default config is valid");
-        let mut session_cfg = SessionConfig::new("bench.test");
-        session_cfg.limits = checked.limits.clone();
-        session_cfg.bare_line_endings = checked.bare_line_endings;
-        let session_cfg = Arc::new(session_cfg);
-        let backend = if lmtp_ingest::io::uring::probe().is_ok() {
-            "uring"
-        } else {
-            "epoll"
+        let running = server::start(&config).expect("start the server");
+        let port = match running.bound.first() {
+            Some(ListenAddr::Tcp(a)) => a.port(),
+            other => panic!("expected a TCP listener, got {other:?}"),
         };
-        let shards = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let (spool, _) = Spool::open(config.spool_config()).expect("open the bench spool");
-        let listeners =
-            listen::open_all(&checked.listen, shards, checked.unix_socket_mode).expect("listen");
-        let port = listen::local_port(&listeners[0][0]).expect("a TCP port");
-        let shutdown = Arc::new(AtomicBool::new(false));
-        let mut wakers = Vec::new();
-        let mut handles = Vec::new();
-        for (shard_id, listeners) in listeners.into_iter().enumerate() {
-            let waker = Waker::new().expect("eventfd");
-            wakers.push(waker.clone());
-            let w = waker.clone();
-            let producer = spool.producer(Some(Arc::new(move || w.wake())));
-            let core = ShardCore::new(
-                session_cfg.clone(),
-                producer,
-                shard_id as u16,
-                config.server.shard_inflight_bytes_max as usize,
-            );
-            let params = ShardParams {
-                shard_id,
-                listeners,
-                waker,
-                shutdown: shutdown.clone(),
-                shutdown_grace: Duration::from_secs(5),
-                connections_max: config.server.connections_max,
-            };
-            handles.push(std::thread::spawn(move || {
-                let r = if backend == "uring" {
-                    lmtp_ingest::io::uring::run_shard(core, params)
-                } else {
-                    epoll::run_shard(core, params)
-                };
-                r.expect("shard loop");
-            }));
-        }
         InProcessServer {
             dir,
             port,
-            backend,
-            shutdown,
-            wakers,
-            shards: handles,
-            spool: Some(spool),
+            backend: running.backend,
+            running,
         }
     }
 
-    /// Stops the shards and the spool, removes the spool (gigabytes after a
-    /// run); returns messages committed.
-    fn stop(mut self) -> u64 {
-        self.shutdown.store(true, Ordering::Release);
-        for w in &self.wakers {
-            w.wake();
-        }
-        for h in self.shards.drain(..) {
-            h.join().expect("shard thread");
-        }
-        let spool = self.spool.take().expect("running");
-        let committed = spool.stats().messages_committed;
-        spool.shutdown();
+    /// Stops the server, removes the spool (gigabytes after a run); returns
+    /// messages committed.
+    fn stop(self) -> u64 {
+        let committed = self.running.stop().messages_committed;
         let _ = std::fs::remove_dir_all(&self.dir);
         committed
     }

@@ -5,14 +5,64 @@
 //! Must not: open sockets or files other than the configuration file itself.
 //! Turning a valid `Config` into running parts is `server`'s job.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::access::AllowList;
+use crate::io::LogFormat;
 use crate::io::listen::ListenAddr;
+use crate::policy::PolicySpec;
 use crate::proto::{BareLineEndings, Limits};
 use crate::spool::SpoolConfig;
+
+/// `[policy]`: which recipients are accepted at RCPT.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicySection {
+    /// `accept_all` (default), `domains` or `table`.
+    pub recipients: String,
+    /// With `recipients = "domains"`: the domains accepted (any case).
+    pub domains: Vec<String>,
+    /// With `recipients = "table"`: a file of addresses, one per line.
+    pub table: PathBuf,
+    /// Entries a table may hold (bounds memory: ~40 bytes per entry).
+    pub table_entries_max: usize,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        PolicySection {
+            recipients: "accept_all".into(),
+            domains: Vec::new(),
+            table: PathBuf::new(),
+            // 20 million: about 1 GiB for a table of 25-byte addresses.
+            table_entries_max: 20_000_000,
+        }
+    }
+}
+
+/// `[access]`: who may connect to the TCP listeners.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessSection {
+    /// CIDR networks allowed on every TCP listener without its own list.
+    /// Unset: loopback only (127.0.0.0/8, ::1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
+    /// Per listener, keyed by the address as written in `server.listen`.
+    pub listen: BTreeMap<String, ListenerAccess>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenerAccess {
+    /// CIDR networks allowed on this listener.
+    pub allow: Vec<String>,
+}
 
 /// Which event loop the shards run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -32,6 +82,40 @@ pub struct Config {
     pub limits: LimitsSection,
     pub protocol: ProtocolSection,
     pub spool: SpoolSection,
+    pub policy: PolicySection,
+    pub access: AccessSection,
+    pub log: LogSection,
+    pub metrics: MetricsSection,
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSection {
+    /// `IP:PORT` serving `GET /metrics`, e.g. "127.0.0.1:9425"; empty
+    /// (the default): no endpoint.
+    pub listen: String,
+}
+
+/// `[log]`: what the server logs to stderr, and how.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    /// Filter when `RUST_LOG` is unset (which wins when set), in its syntax:
+    /// `info`, `warn,delivery=info`, `off`.
+    pub level: String,
+    /// `text` (default; Postfix-style delivery lines) or `json` (one JSON
+    /// object per line, fields separate).
+    pub format: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -54,6 +138,12 @@ pub struct ServerSection {
     pub shard_inflight_bytes_max: u64,
     /// Permissions of UNIX sockets, in octal.
     pub unix_socket_mode: String,
+    /// Owner of UNIX sockets: a user name or numeric id; empty: the server's
+    /// user.
+    pub unix_socket_owner: String,
+    /// Group of UNIX sockets: a group name or numeric id; empty: the
+    /// server's group.
+    pub unix_socket_group: String,
     /// After SIGTERM: how long transactions in flight may take to finish.
     pub shutdown_grace_secs: u64,
 }
@@ -105,6 +195,8 @@ impl Default for ServerSection {
             // 256 MiB: many 4-64 KiB messages per batch, bounded on a small box.
             shard_inflight_bytes_max: 256 << 20,
             unix_socket_mode: "0660".into(),
+            unix_socket_owner: String::new(),
+            unix_socket_group: String::new(),
             shutdown_grace_secs: 30,
         }
     }
@@ -173,6 +265,11 @@ pub struct Checked {
     pub limits: Limits,
     pub bare_line_endings: BareLineEndings,
     pub unix_socket_mode: u32,
+    /// One allow-list per entry of `listen`, in the same order.
+    pub allow: Vec<Arc<AllowList>>,
+    pub policy: PolicySpec,
+    pub log_format: LogFormat,
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -299,6 +396,16 @@ impl Config {
                 "use 1 to 64 (default 1)",
             ));
         }
+        if s.segment_bytes < 64 * 1024 {
+            return Err(bad(
+                "spool.segment_bytes",
+                format!(
+                    "{} bytes would make a new file every few messages",
+                    s.segment_bytes
+                ),
+                "use at least 65536 (default 67108864, 64 MiB)",
+            ));
+        }
         if s.batch_bytes_max == 0 || s.batch_messages_max == 0 {
             return Err(bad(
                 "spool.batch_bytes_max/batch_messages_max",
@@ -313,12 +420,166 @@ impl Config {
                 "keep it at most 100000 (100 ms); 0 (default) is adaptive group commit with no added delay",
             ));
         }
+        let allow = self.check_access(&listen)?;
+        let policy = self.check_policy()?;
+        let log_format = match self.log.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(bad(
+                    "log.format",
+                    format!("'{other}' is not a format"),
+                    "use \"text\" (default) or \"json\"",
+                ));
+            }
+        };
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(bad(
+                "log.level",
+                format!("'{}' is not a log filter: {e}", self.log.level),
+                "write a level (\"info\", \"warn\") or directives like \"warn,delivery=info\"",
+            ));
+        }
+        let metrics_listen = match self.metrics.listen.as_str() {
+            "" => None,
+            a => Some(a.parse::<std::net::SocketAddr>().map_err(|_| {
+                bad(
+                    "metrics.listen",
+                    format!("'{a}' is not IP:PORT"),
+                    "write e.g. \"127.0.0.1:9425\" (loopback: scrape locally or through a proxy), or \"\" for no endpoint",
+                )
+            })?),
+        };
         Ok(Checked {
             listen,
             limits,
             bare_line_endings,
             unix_socket_mode,
+            allow,
+            policy,
+            log_format,
+            metrics_listen,
         })
+    }
+
+    /// One allow-list per listen address; refuses a listener reachable from
+    /// other machines that no allow-list was written for.
+    fn check_access(&self, listen: &[ListenAddr]) -> Result<Vec<Arc<AllowList>>, ConfigError> {
+        for key in self.access.listen.keys() {
+            if !self.server.listen.contains(key) {
+                return Err(bad(
+                    &format!("access.listen.\"{key}\""),
+                    "names no address of server.listen",
+                    format!(
+                        "write the address exactly as in server.listen ({:?})",
+                        self.server.listen
+                    ),
+                ));
+            }
+        }
+        let global = match &self.access.allow {
+            Some(list) => Some(Arc::new(
+                AllowList::parse(list).map_err(|e| bad("access.allow", e, "fix the entry"))?,
+            )),
+            None => None,
+        };
+        let loopback = Arc::new(AllowList::loopback());
+        let mut out = Vec::with_capacity(listen.len());
+        for (text, addr) in self.server.listen.iter().zip(listen) {
+            let own = match self.access.listen.get(text) {
+                Some(a) => Some(Arc::new(AllowList::parse(&a.allow).map_err(|e| {
+                    bad(
+                        &format!("access.listen.\"{text}\".allow"),
+                        e,
+                        "fix the entry",
+                    )
+                })?)),
+                None => None,
+            };
+            let explicit = own.or_else(|| global.clone());
+            if let ListenAddr::Tcp(sa) = addr {
+                if !sa.ip().is_loopback() && explicit.is_none() {
+                    return Err(bad(
+                        "server.listen",
+                        format!(
+                            "{text} is reachable from other machines and no allow-list says who may connect (LMTP has no authentication)"
+                        ),
+                        "set access.allow to your MTAs' networks, e.g. [\"192.0.2.0/24\"], or write allow = [\"0.0.0.0/0\", \"::/0\"] to accept anyone",
+                    ));
+                }
+            }
+            out.push(explicit.unwrap_or_else(|| loopback.clone()));
+        }
+        Ok(out)
+    }
+
+    fn check_policy(&self) -> Result<PolicySpec, ConfigError> {
+        let p = &self.policy;
+        let unused = |key: &str, mode: &str| {
+            bad(
+                &format!("policy.{key}"),
+                format!("is only used with recipients = \"{mode}\""),
+                format!("remove it, or set policy.recipients = \"{mode}\""),
+            )
+        };
+        let mode = p.recipients.as_str();
+        if mode != "domains" && !p.domains.is_empty() {
+            return Err(unused("domains", "domains"));
+        }
+        if mode != "table" && !p.table.as_os_str().is_empty() {
+            return Err(unused("table", "table"));
+        }
+        match mode {
+            "accept_all" => Ok(PolicySpec::AcceptAll),
+            "domains" => {
+                if p.domains.is_empty() {
+                    return Err(bad(
+                        "policy.domains",
+                        "no domain listed, so every recipient would be refused",
+                        "list the domains to accept, e.g. [\"example.org\"]",
+                    ));
+                }
+                if let Some(d) = p
+                    .domains
+                    .iter()
+                    .find(|d| d.is_empty() || d.len() > 255 || d.contains(['@', ' ', '<', '>']))
+                {
+                    return Err(bad(
+                        "policy.domains",
+                        format!("'{d}' is not a domain name"),
+                        "write bare domain names such as \"example.org\"",
+                    ));
+                }
+                Ok(PolicySpec::Domains(
+                    p.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
+                ))
+            }
+            "table" => {
+                if p.table.as_os_str().is_empty() {
+                    return Err(bad(
+                        "policy.table",
+                        "no table file given",
+                        "set policy.table to a file of addresses, one per line",
+                    ));
+                }
+                if p.table_entries_max == 0 {
+                    return Err(bad(
+                        "policy.table_entries_max",
+                        "0 would refuse every table",
+                        "use a positive bound (default 20000000)",
+                    ));
+                }
+                Ok(PolicySpec::Table {
+                    path: p.table.clone(),
+                    entries_max: p.table_entries_max,
+                })
+            }
+            other => Err(bad(
+                "policy.recipients",
+                format!("'{other}' is not a mode"),
+                "use \"accept_all\" (default), \"domains\" or \"table\"",
+            )),
+        }
     }
 
     /// The spool settings for `Spool::open`.
@@ -360,6 +621,107 @@ mod tests {
         assert_eq!(c.limits.recipients_max, 200);
         assert_eq!(c.limits.line_bytes_max, 2048);
         assert_eq!(c.check().unwrap().listen.len(), 2);
+    }
+
+    #[test]
+    fn policy_and_access_keys() {
+        let c = Config::from_toml(
+            "[policy]\nrecipients = \"domains\"\ndomains = [\"Example.ORG\"]\n\n[access]\nallow = [\"10.0.0.0/8\"]\n\n[access.listen.\"127.0.0.1:2424\"]\nallow = [\"127.0.0.1\"]\n",
+        )
+        .unwrap();
+        let checked = c.check().unwrap();
+        assert_eq!(
+            checked.policy,
+            PolicySpec::Domains(vec!["example.org".into()])
+        );
+        assert!(checked.allow[0].allows("127.0.0.1".parse().unwrap()));
+        assert!(!checked.allow[0].allows("10.0.0.1".parse().unwrap()));
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+        // Defaults: accept all, loopback only.
+        let checked = Config::default().check().unwrap();
+        assert_eq!(checked.policy, PolicySpec::AcceptAll);
+        assert_eq!(*checked.allow[0], AllowList::loopback());
+
+        let mut c = Config::default();
+        c.policy.table = "/etc/rcpt".into();
+        let e = c.check().unwrap_err().to_string();
+        assert!(
+            e.starts_with("policy.table:") && e.contains("recipients = \"table\""),
+            "{e}"
+        );
+        c.policy.recipients = "table".into();
+        assert!(matches!(
+            c.check().unwrap().policy,
+            PolicySpec::Table { .. }
+        ));
+        let mut c = Config::default();
+        c.policy.recipients = "domains".into();
+        assert!(
+            c.check()
+                .unwrap_err()
+                .to_string()
+                .starts_with("policy.domains:")
+        );
+        c.policy.recipients = "ldap".into();
+        assert!(
+            c.check()
+                .unwrap_err()
+                .to_string()
+                .starts_with("policy.recipients:")
+        );
+
+        let mut c = Config::default();
+        c.server.listen = vec!["0.0.0.0:24".into()];
+        let e = c.check().unwrap_err().to_string();
+        assert!(
+            e.contains("no allow-list") && e.contains("0.0.0.0/0"),
+            "{e}"
+        );
+        c.access.allow = Some(vec!["192.0.2.0/24".into()]);
+        assert!(c.check().is_ok());
+        c.access.allow = Some(vec!["192.0.2.1/24".into()]);
+        assert!(
+            c.check()
+                .unwrap_err()
+                .to_string()
+                .starts_with("access.allow:")
+        );
+    }
+
+    #[test]
+    fn log_keys() {
+        let c = Config::from_toml("[log]\nlevel = \"warn,delivery=info\"\nformat = \"json\"\n")
+            .unwrap();
+        assert_eq!(c.check().unwrap().log_format, LogFormat::Json);
+        assert_eq!(
+            Config::default().check().unwrap().log_format,
+            LogFormat::Text
+        );
+        let mut c = Config::default();
+        c.log.format = "syslog".into();
+        assert!(
+            c.check()
+                .unwrap_err()
+                .to_string()
+                .starts_with("log.format:")
+        );
+        let mut c = Config::default();
+        c.log.level = "info,[".into();
+        assert!(c.check().unwrap_err().to_string().starts_with("log.level:"));
+        assert_eq!(Config::default().check().unwrap().metrics_listen, None);
+        let mut c = Config::default();
+        c.metrics.listen = "127.0.0.1:9425".into();
+        assert_eq!(
+            c.check().unwrap().metrics_listen,
+            Some("127.0.0.1:9425".parse().unwrap())
+        );
+        c.metrics.listen = "localhost:9425".into();
+        assert!(
+            c.check()
+                .unwrap_err()
+                .to_string()
+                .starts_with("metrics.listen:")
+        );
     }
 
     #[test]

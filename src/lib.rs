@@ -13,10 +13,13 @@
 //! protocol to spool). The shard runtime, the spool and the operator tools are
 //! added by later work; see docs/ARCHITECTURE.md.
 
+pub mod access;
 pub mod config;
 pub mod envelope;
 pub mod io;
 pub mod load;
+pub mod metrics;
+pub mod policy;
 pub mod proto;
 pub mod server;
 pub mod spool;

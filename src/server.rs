@@ -17,6 +17,7 @@ use crate::config::{Config, IoChoice};
 use crate::io::core::ShardCore;
 use crate::io::epoll::{self, ShardParams, Waker};
 use crate::io::listen;
+use crate::policy::Policy;
 use crate::proto::SessionConfig;
 use crate::spool::Spool;
 
@@ -77,10 +78,87 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
     sig
 }
 
+/// A started server: its shard threads, spool and metrics endpoint.
+pub struct Running {
+    /// The listen addresses as bound (port 0 resolved), in configuration order.
+    pub bound: Vec<listen::ListenAddr>,
+    /// `uring` or `epoll`.
+    pub backend: &'static str,
+    policy: Arc<Policy>,
+    shutdown: Arc<AtomicBool>,
+    wakers: Vec<Arc<Waker>>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+    metrics: Option<crate::metrics::http::MetricsServer>,
+    spool: Spool,
+}
+
+impl Running {
+    /// SIGHUP: reloads the recipient table (the old one stays on error).
+    pub fn reload(&self) {
+        match self.policy.reload() {
+            Ok(Some(l)) => tracing::info!(
+                table = %l.path.display(),
+                entries = l.entries,
+                took_ms = l.took.as_millis() as u64,
+                "SIGHUP: recipient table reloaded"
+            ),
+            Ok(None) => {
+                tracing::info!("SIGHUP: no recipient table configured; nothing to reload")
+            }
+            Err(e) => tracing::error!(
+                "SIGHUP: recipient table refused, the previous one stays in force: {e}"
+            ),
+        }
+    }
+
+    /// Graceful stop: shards stop accepting, let transactions in flight
+    /// finish (bounded by the grace period), then the spool commits what it
+    /// holds and its writers stop. Returns the spool's final counters.
+    pub fn stop(self) -> crate::spool::SpoolStats {
+        self.shutdown.store(true, Ordering::Release);
+        for w in &self.wakers {
+            w.wake();
+        }
+        for h in self.handles {
+            let _ = h.join();
+        }
+        if let Some(m) = self.metrics {
+            m.stop();
+        }
+        let stats = self.spool.stats();
+        self.spool.shutdown();
+        stats
+    }
+}
+
+/// `serve`: starts the server, then takes signals until SIGTERM or SIGINT.
 pub fn run(config: Config) -> Result<(), String> {
+    // Before any thread exists, so only this thread takes the signals.
+    let sigset = block_signals();
+    let running = start(&config)?;
+    loop {
+        match wait_signal(&sigset) {
+            libc::SIGHUP => running.reload(),
+            sig => {
+                tracing::info!(
+                    signal = sig,
+                    "shutting down: no new connections, finishing transactions in flight"
+                );
+                break;
+            }
+        }
+    }
+    let stats = running.stop();
+    tracing::info!("stopped; spool: {stats:?}");
+    Ok(())
+}
+
+/// Opens the spool, binds the listeners, starts the shard threads and the
+/// metrics endpoint, and logs the banner. A caller that wants signals handled
+/// by one thread (as `run` does) blocks them before calling this.
+pub fn start(config: &Config) -> Result<Running, String> {
     let checked = config.check().map_err(|e| e.to_string())?;
     let (backend, why) = choose_backend(config.server.io)?;
-    let sigset = block_signals();
 
     let hostname = if config.server.hostname.is_empty() {
         host_name()
@@ -91,6 +169,17 @@ pub fn run(config: Config) -> Result<(), String> {
     session_cfg.limits = checked.limits.clone();
     session_cfg.bare_line_endings = checked.bare_line_endings;
     session_cfg.detail_delimiters = config.protocol.detail_delimiters.clone();
+    let (policy, loaded) = Policy::new(&checked.policy).map_err(|e| e.to_string())?;
+    if let Some(l) = &loaded {
+        tracing::info!(
+            table = %l.path.display(),
+            entries = l.entries,
+            took_ms = l.took.as_millis() as u64,
+            "recipient table loaded"
+        );
+    }
+    let policy = Arc::new(policy);
+    session_cfg.policy = policy.clone();
     let session_cfg = Arc::new(session_cfg);
 
     let cpus_allowed = allowed_cpus();
@@ -137,13 +226,37 @@ pub fn run(config: Config) -> Result<(), String> {
         took_ms = spool_started.elapsed().as_millis() as u64,
         "spool open: {report}"
     );
-    let listeners = listen::open_all(&checked.listen, shards, checked.unix_socket_mode)?;
+    let unix_perms = listen::UnixPerms {
+        mode: checked.unix_socket_mode,
+        uid: Some(&config.server.unix_socket_owner)
+            .filter(|s| !s.is_empty())
+            .map(|s| listen::resolve_user(s))
+            .transpose()
+            .map_err(|e| format!("server.unix_socket_owner: {e}"))?,
+        gid: Some(&config.server.unix_socket_group)
+            .filter(|s| !s.is_empty())
+            .map(|s| listen::resolve_group(s))
+            .transpose()
+            .map_err(|e| format!("server.unix_socket_group: {e}"))?,
+    };
+    let mut listeners = listen::open_all(&checked.listen, shards, unix_perms)?;
+    // open_all keeps the order of `listen`, which `allow` follows.
+    for shard in &mut listeners {
+        for (l, allow) in shard.iter_mut().zip(&checked.allow) {
+            l.allow = allow.clone();
+        }
+    }
     // The addresses as bound (a port 0 resolved), for the banner.
     let bound: Vec<listen::ListenAddr> = listeners
         .first()
         .map(|l| l.iter().map(|l| l.addr.clone()).collect())
         .unwrap_or_default();
 
+    let metrics_listener = checked
+        .metrics_listen
+        .map(crate::metrics::http::MetricsServer::bind)
+        .transpose()?;
+    let mut shard_metrics = Vec::new();
     let shutdown = Arc::new(AtomicBool::new(false));
     let connections_max = config.server.connections_max.div_ceil(shards);
     let mut handles = Vec::new();
@@ -159,6 +272,7 @@ pub fn run(config: Config) -> Result<(), String> {
             shard_id as u16,
             config.server.shard_inflight_bytes_max as usize,
         );
+        shard_metrics.push(core.metrics());
         let params = ShardParams {
             shard_id,
             listeners,
@@ -166,6 +280,7 @@ pub fn run(config: Config) -> Result<(), String> {
             shutdown: shutdown.clone(),
             shutdown_grace: Duration::from_secs(config.server.shutdown_grace_secs),
             connections_max,
+            delivery_log: checked.log_format,
         };
         let handle = std::thread::Builder::new()
             .name(format!("shard-{shard_id}"))
@@ -190,7 +305,25 @@ pub fn run(config: Config) -> Result<(), String> {
             .map_err(|e| format!("starting shard thread {shard_id}: {e}"))?;
         handles.push(handle);
     }
+    let metrics = match metrics_listener {
+        Some(listener) => {
+            let registry = crate::metrics::Registry {
+                shards: shard_metrics,
+                spool: spool.metrics_source(),
+            };
+            let m = crate::metrics::http::MetricsServer::start(listener, registry)?;
+            tracing::info!(addr = %m.addr, "metrics endpoint listening: http://{}/metrics", m.addr);
+            Some(m)
+        }
+        None => None,
+    };
     let addrs: Vec<String> = bound.iter().map(ToString::to_string).collect();
+    let allow: Vec<String> = bound
+        .iter()
+        .zip(&checked.allow)
+        .filter(|(a, _)| matches!(a, listen::ListenAddr::Tcp(_)))
+        .map(|(a, l)| format!("{a} from {l}"))
+        .collect();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         backend,
@@ -200,32 +333,21 @@ pub fn run(config: Config) -> Result<(), String> {
         writers = config.spool.writers,
         hostname = %hostname,
         listen = ?addrs,
+        allow = ?allow,
+        recipients = %policy.describe(),
         "lmtp-ingest ready"
     );
 
-    loop {
-        match wait_signal(&sigset) {
-            libc::SIGHUP => tracing::info!("SIGHUP: nothing to reload in this version"),
-            sig => {
-                tracing::info!(
-                    signal = sig,
-                    "shutting down: no new connections, finishing transactions in flight"
-                );
-                break;
-            }
-        }
-    }
-    shutdown.store(true, Ordering::Release);
-    for w in &wakers {
-        w.wake();
-    }
-    for h in handles {
-        let _ = h.join();
-    }
-    let stats = spool.stats();
-    spool.shutdown();
-    tracing::info!("stopped; spool: {stats:?}");
-    Ok(())
+    Ok(Running {
+        bound,
+        backend,
+        policy,
+        shutdown,
+        wakers,
+        handles,
+        metrics,
+        spool,
+    })
 }
 
 /// Raises the open-files soft limit to the hard limit (each connection is a

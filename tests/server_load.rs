@@ -187,5 +187,7 @@ fn kill_9_under_load_loses_no_acknowledged_message() {
             );
             assert_eq!(r.envelope.recipients.len(), *rcpts);
         }
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -16,7 +16,9 @@ fn start_with(name: &str, io: &str, toml: &str) -> Server {
     let dir = server_util::test_dir(name);
     let path = dir.join("lmtp.toml");
     std::fs::write(&path, toml).unwrap();
-    Server::start_in(&dir, io, &["--config", path.to_str().unwrap()])
+    let mut server = Server::start_in(&dir, io, &["--config", path.to_str().unwrap()]);
+    server.owns_dir = true;
+    server
 }
 
 #[test]
@@ -183,6 +185,7 @@ struct Raw {
     child: std::process::Child,
     lines: Vec<String>,
     rx: std::sync::mpsc::Receiver<String>,
+    dir: std::path::PathBuf,
 }
 
 impl Raw {
@@ -211,6 +214,7 @@ impl Raw {
             ])
             .arg("--spool")
             .arg(dir.join("spool"))
+            .args(["--segment-bytes", "1048576"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -235,6 +239,7 @@ impl Raw {
             child,
             lines: Vec::new(),
             rx,
+            dir,
         }
     }
 
@@ -267,6 +272,9 @@ impl Drop for Raw {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

@@ -47,6 +47,9 @@ pub struct ServeArgs {
     /// Longest a spool writer waits to grow a batch, in microseconds.
     #[arg(long, value_name = "US")]
     batch_delay_us_max: Option<u64>,
+    /// Size of each preallocated spool segment file, in bytes.
+    #[arg(long, value_name = "BYTES")]
+    segment_bytes: Option<u64>,
     /// Cap on the spool's size in bytes (0: the disk is the limit).
     #[arg(long, value_name = "BYTES")]
     spool_bytes_max: Option<u64>,
@@ -119,6 +122,9 @@ impl ServeArgs {
         if let Some(v) = self.batch_delay_us_max {
             c.spool.batch_delay_us_max = v;
         }
+        if let Some(v) = self.segment_bytes {
+            c.spool.segment_bytes = v;
+        }
         if let Some(v) = self.spool_bytes_max {
             c.spool.spool_bytes_max = v;
         }
@@ -140,7 +146,7 @@ pub fn run(args: ServeArgs) -> Result<Outcome, String> {
         print!("{}", config.to_toml());
         return Ok(Outcome::Ok);
     }
-    init_logging();
+    init_logging(&config);
     let (soft, hard) = lmtp_ingest::server::raise_nofile_limit();
     if soft < config.server.connections_max as u64 + 1024 {
         tracing::warn!(
@@ -154,15 +160,22 @@ pub fn run(args: ServeArgs) -> Result<Outcome, String> {
     Ok(Outcome::Ok)
 }
 
-/// Logs to stderr; the level comes from `RUST_LOG` (default `info`).
-fn init_logging() {
+/// Logs to stderr; the filter comes from `RUST_LOG`, else `log.level`
+/// (default `info`); `log.format = "json"` writes JSON objects. A bad value
+/// is reported by `Config::check` (run by the server right after).
+fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if config.log.format == "json" {
+        fmt.json().try_init()
+    } else {
+        fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init()
+    };
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use crate::envelope::{CommitOutcome, Message};
+use crate::metrics::{ShardMetrics, bump};
 use crate::proto::{Session, SessionConfig, SpoolRequest, Ticket};
 use crate::spool::{Producer, RejectReason};
 
@@ -38,8 +39,13 @@ pub struct Delivered {
     pub transaction: u32,
     pub sender: String,
     pub recipients: usize,
+    /// The recipients' addresses as given, for the per-recipient log line.
+    pub rcpts: Vec<String>,
     pub body_bytes: usize,
     pub outcome: CommitOutcome,
+    /// From the final dot until the spool took the message (longer when
+    /// the spool's queues were full).
+    pub queue_latency: std::time::Duration,
     pub commit_latency: std::time::Duration,
 }
 
@@ -53,15 +59,38 @@ struct Conn {
     in_spool: Option<InSpool>,
     /// A message the spool's queues had no room for; retried after outcomes.
     waiting: Option<(Ticket, Message)>,
+    /// When the waiting message's final dot arrived.
+    waiting_since: Instant,
+    /// The session's (bare CR, bare LF, refused for bare line endings)
+    /// counts already added to the shard's metrics.
+    counted: [u64; 3],
     generation: u32,
+}
+
+/// Adds what a session counted since the last call to the shard's metrics.
+fn count_session(m: &ShardMetrics, counted: &mut [u64; 3], session: &Session) {
+    let s = session.stats();
+    let now = [s.bare_cr, s.bare_lf, s.messages_refused_bare_line_endings];
+    let targets = [
+        &m.bare_cr,
+        &m.bare_lf,
+        &m.messages_refused_bare_line_endings,
+    ];
+    for ((seen, n), c) in counted.iter_mut().zip(now).zip(targets) {
+        if n > *seen {
+            bump(c, n - *seen);
+            *seen = n;
+        }
+    }
 }
 
 struct InSpool {
     ticket: Ticket,
     body_bytes: usize,
     submitted: Instant,
+    dot: Instant,
     sender: String,
-    recipients: usize,
+    rcpts: Vec<String>,
 }
 
 /// Shard-wide counters.
@@ -94,6 +123,8 @@ pub struct ShardCore {
     delivered: Vec<Delivered>,
     shutting_down: bool,
     stats: CoreStats,
+    /// Read by the metrics endpoint; written only here.
+    metrics: Arc<ShardMetrics>,
 }
 
 impl ShardCore {
@@ -119,7 +150,29 @@ impl ShardCore {
             delivered: Vec::new(),
             shutting_down: false,
             stats: CoreStats::default(),
+            metrics: Arc::new(ShardMetrics::default()),
         }
+    }
+
+    /// This shard's counters, for the metrics endpoint.
+    pub fn metrics(&self) -> Arc<ShardMetrics> {
+        self.metrics.clone()
+    }
+
+    /// The same, borrowed (for `io::admit`).
+    pub fn metrics_ref(&self) -> &ShardMetrics {
+        &self.metrics
+    }
+
+    /// Publishes the gauges (one relaxed store each).
+    fn publish_gauges(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.metrics
+            .connections_open
+            .store(self.stats.connections_open, Relaxed);
+        self.metrics
+            .inflight_bytes
+            .store(self.inflight_bytes as u64, Relaxed);
     }
 
     pub fn stats(&self) -> CoreStats {
@@ -160,6 +213,8 @@ impl ShardCore {
             held: Vec::new(),
             in_spool: None,
             waiting: None,
+            waiting_since: now,
+            counted: [0; 3],
             generation: self.generation,
         };
         let slot = match self.free.pop() {
@@ -174,6 +229,8 @@ impl ShardCore {
         };
         self.stats.connections_opened += 1;
         self.stats.connections_open += 1;
+        bump(&self.metrics.connections_opened, 1);
+        self.publish_gauges();
         self.dirty.push(slot);
         slot
     }
@@ -193,10 +250,12 @@ impl ShardCore {
             if n < bytes.len() {
                 conn.held.extend_from_slice(&bytes[n..]);
             }
+            count_session(&self.metrics, &mut conn.counted, session);
         } else {
             conn.held.extend_from_slice(bytes);
         }
         self.after_input(now, slot);
+        self.publish_gauges();
         self.dirty.push(slot);
     }
 
@@ -209,6 +268,7 @@ impl ShardCore {
         if let Some(SpoolRequest { ticket, message }) = session.poll_spool() {
             self.inflight_bytes += message.body.len();
             conn.waiting = Some((ticket, message));
+            conn.waiting_since = now;
             self.submit(now, slot);
         }
     }
@@ -224,8 +284,14 @@ impl ShardCore {
             ticket,
             body_bytes: message.body.len(),
             submitted: now,
+            dot: conn.waiting_since,
             sender: message.envelope.reverse_path.to_string(),
-            recipients: message.envelope.recipients.len(),
+            rcpts: message
+                .envelope
+                .recipients
+                .iter()
+                .map(|r| r.mailbox.address())
+                .collect(),
         };
         match self
             .producer
@@ -273,9 +339,18 @@ impl ShardCore {
             };
             self.inflight_bytes -= info.body_bytes;
             match outcome {
-                CommitOutcome::Committed(_) => self.stats.messages_committed += 1,
+                CommitOutcome::Committed(_) => {
+                    self.stats.messages_committed += 1;
+                    bump(&self.metrics.messages, 1);
+                    bump(&self.metrics.recipients, info.rcpts.len() as u64);
+                    bump(&self.metrics.bytes, info.body_bytes as u64);
+                }
                 _ => self.stats.messages_failed += 1,
             }
+            self.metrics.dot_to_reply_ns.observe(
+                crate::metrics::LATENCY_BOUNDS_NS,
+                now.saturating_duration_since(info.dot).as_nanos() as u64,
+            );
             let Some(session) = conn.session.as_mut() else {
                 // The client left while we were committing: free the slot now.
                 self.conns[slot] = None;
@@ -287,9 +362,11 @@ impl ShardCore {
                 peer: session.client().peer.clone(),
                 transaction: info.ticket.0,
                 sender: info.sender,
-                recipients: info.recipients,
+                recipients: info.rcpts.len(),
+                rcpts: info.rcpts,
                 body_bytes: info.body_bytes,
                 outcome,
+                queue_latency: info.submitted.saturating_duration_since(info.dot),
                 commit_latency: now.saturating_duration_since(info.submitted),
             });
             session.handle_commit(now, info.ticket, outcome);
@@ -297,6 +374,7 @@ impl ShardCore {
             if !conn.held.is_empty() {
                 let held = std::mem::take(&mut conn.held);
                 let n = session.handle_input(now, &held);
+                count_session(&self.metrics, &mut conn.counted, session);
                 conn.held = held;
                 conn.held.drain(..n);
                 self.after_input(now, slot);
@@ -304,6 +382,7 @@ impl ShardCore {
             self.dirty.push(slot);
         }
         self.completions = completions;
+        self.publish_gauges();
         let retries = self.retry.len();
         for _ in 0..retries {
             let Some(slot) = self.retry.pop_front() else {
@@ -332,11 +411,17 @@ impl ShardCore {
 
     /// Appends `slot`'s pending reply bytes to `out`.
     pub fn take_output(&mut self, slot: Slot, out: &mut Vec<u8>) -> bool {
-        self.conns
+        let from = out.len();
+        let got = self
+            .conns
             .get_mut(slot)
             .and_then(Option::as_mut)
             .and_then(|c| c.session.as_mut())
-            .is_some_and(|s| s.poll_output(out))
+            .is_some_and(|s| s.poll_output(out));
+        if got {
+            self.metrics.count_replies(&out[from..]);
+        }
+        got
     }
 
     /// Whether the backend should read from `slot` now.
@@ -396,6 +481,7 @@ impl ShardCore {
             self.conns[slot] = None;
             self.free.push(slot);
         }
+        self.publish_gauges();
     }
 
     /// When the next session deadline falls.

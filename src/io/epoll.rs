@@ -89,6 +89,8 @@ pub struct ShardParams {
     pub shutdown_grace: Duration,
     /// Connections this shard holds at most; more are answered 421 and closed.
     pub connections_max: usize,
+    /// How delivery log lines are written.
+    pub delivery_log: super::LogFormat,
 }
 
 struct Epoll {
@@ -316,6 +318,8 @@ impl Loop<'_> {
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             let Some(peer) = super::admit(
                 &fd,
+                &self.params.listeners[i].allow,
+                self.core.metrics_ref(),
                 self.core.open_connections(),
                 self.params.connections_max,
             ) else {
@@ -513,7 +517,7 @@ impl Loop<'_> {
 
     fn log_deliveries(&mut self) {
         for d in self.core.take_delivered() {
-            super::log_delivery(self.params.shard_id, &d);
+            super::log_delivery(self.params.shard_id, self.params.delivery_log, &d);
         }
     }
 }

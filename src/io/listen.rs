@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
+use crate::access::AllowList;
+
 /// Where to listen.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenAddr {
@@ -55,6 +57,75 @@ impl std::str::FromStr for ListenAddr {
 pub struct Listener {
     pub addr: ListenAddr,
     pub fd: Arc<OwnedFd>,
+    /// Who may connect (TCP); loopback only unless the server sets it.
+    pub allow: Arc<AllowList>,
+}
+
+/// Permissions of a UNIX socket file: mode, and the owner and group to give
+/// it (`None`: leave the server's own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixPerms {
+    pub mode: u32,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl From<u32> for UnixPerms {
+    fn from(mode: u32) -> Self {
+        UnixPerms {
+            mode,
+            uid: None,
+            gid: None,
+        }
+    }
+}
+
+/// A user name or numeric id, as configured, to a uid.
+pub fn resolve_user(name: &str) -> Result<u32, String> {
+    if let Ok(id) = name.parse::<u32>() {
+        return Ok(id);
+    }
+    let c = std::ffi::CString::new(name).map_err(|_| format!("'{name}' is not a user name"))?;
+    let mut pw: libc::passwd = unsafe_zeroed();
+    let mut out: *mut libc::passwd = std::ptr::null_mut();
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    // SAFETY: every pointer refers to a live local; `buf` outlives the call
+    // and `pw` is only read when `out` says the lookup found the user.
+    let rc =
+        unsafe { libc::getpwnam_r(c.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut out) };
+    if rc != 0 || out.is_null() {
+        return Err(format!(
+            "no user '{name}' on this machine; create it or give a numeric id"
+        ));
+    }
+    Ok(pw.pw_uid)
+}
+
+/// A group name or numeric id, as configured, to a gid.
+pub fn resolve_group(name: &str) -> Result<u32, String> {
+    if let Ok(id) = name.parse::<u32>() {
+        return Ok(id);
+    }
+    let c = std::ffi::CString::new(name).map_err(|_| format!("'{name}' is not a group name"))?;
+    let mut gr: libc::group = unsafe_zeroed();
+    let mut out: *mut libc::group = std::ptr::null_mut();
+    let mut buf = vec![0 as libc::c_char; 64 << 10];
+    // SAFETY: as in resolve_user.
+    let rc =
+        unsafe { libc::getgrnam_r(c.as_ptr(), &mut gr, buf.as_mut_ptr(), buf.len(), &mut out) };
+    if rc != 0 || out.is_null() {
+        return Err(format!(
+            "no group '{name}' on this machine; create it or give a numeric id"
+        ));
+    }
+    Ok(gr.gr_gid)
+}
+
+/// A zeroed libc record for the `*_r` lookups to fill.
+fn unsafe_zeroed<T: Copy>() -> T {
+    // SAFETY: only used for libc's passwd/group: plain C structs of integers
+    // and pointers, for which all-zero bytes are a valid value.
+    unsafe { std::mem::zeroed() }
 }
 
 /// TCP accept queue length asked for; the kernel caps it at
@@ -91,6 +162,7 @@ pub fn tcp(addr: SocketAddr) -> Result<Listener, String> {
     Ok(Listener {
         addr: ListenAddr::Tcp(addr),
         fd: Arc::new(OwnedFd::from(socket)),
+        allow: Arc::new(AllowList::loopback()),
     })
 }
 
@@ -121,10 +193,12 @@ fn probe_bind(addr: SocketAddr) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("listen on {addr}: cannot read the bound address"))
 }
 
-/// A UNIX listener at `path`, with permissions `mode`. A stale socket file
-/// left by a crash is replaced; a live one (something accepts on it) or a
-/// file that is not a socket is refused.
-pub fn unix(path: &Path, mode: u32) -> Result<Listener, String> {
+/// A UNIX listener at `path`, with permissions `perms` (a mode, or a mode
+/// with owner and group), set before it listens. A stale socket file left by
+/// a crash is replaced; a live one (something accepts on it) or a file that
+/// is not a socket is refused.
+pub fn unix(path: &Path, perms: impl Into<UnixPerms>) -> Result<Listener, String> {
+    let perms = perms.into();
     let shown = path.display();
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
@@ -154,11 +228,20 @@ pub fn unix(path: &Path, mode: u32) -> Result<Listener, String> {
     socket
         .bind(&SockAddr::unix(path).map_err(what)?)
         .map_err(what)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(what)?;
+    if perms.uid.is_some() || perms.gid.is_some() {
+        std::os::unix::fs::chown(path, perms.uid, perms.gid).map_err(|e| {
+            format!(
+                "listen on unix:{shown}: giving the socket owner {:?} group {:?}: {e}; changing the owner needs root, a group needs membership",
+                perms.uid, perms.gid
+            )
+        })?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(perms.mode)).map_err(what)?;
     socket.listen(BACKLOG).map_err(what)?;
     Ok(Listener {
         addr: ListenAddr::Unix(path.to_owned()),
         fd: Arc::new(OwnedFd::from(socket)),
+        allow: Arc::new(AllowList::loopback()),
     })
 }
 
@@ -167,8 +250,9 @@ pub fn unix(path: &Path, mode: u32) -> Result<Listener, String> {
 pub fn open_all(
     addrs: &[ListenAddr],
     shards: usize,
-    unix_mode: u32,
+    unix_perms: impl Into<UnixPerms>,
 ) -> Result<Vec<Vec<Listener>>, String> {
+    let unix_perms = unix_perms.into();
     let mut per_shard: Vec<Vec<Listener>> = (0..shards).map(|_| Vec::new()).collect();
     for addr in addrs {
         match addr {
@@ -189,6 +273,7 @@ pub fn open_all(
                         Some(f) => Listener {
                             addr: ListenAddr::Tcp(bound),
                             fd: f.fd,
+                            allow: f.allow,
                         },
                         None => tcp(bound)?,
                     };
@@ -196,11 +281,12 @@ pub fn open_all(
                 }
             }
             ListenAddr::Unix(p) => {
-                let shared = unix(p, unix_mode)?;
+                let shared = unix(p, unix_perms)?;
                 for l in per_shard.iter_mut() {
                     l.push(Listener {
                         addr: shared.addr.clone(),
                         fd: shared.fd.clone(),
+                        allow: shared.allow.clone(),
                     });
                 }
             }

@@ -13,30 +13,53 @@ pub mod uring;
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
+use crate::access::AllowList;
 use crate::envelope::CommitOutcome;
+use crate::metrics::ShardMetrics;
+
+/// Sends a one-line refusal on a socket about to be closed.
+fn refuse(fd: &OwnedFd, msg: &'static [u8]) {
+    // SAFETY: sends from a static buffer on a socket we own; a failure is
+    // harmless (the socket is closed right after).
+    unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+}
 
 /// What both backends do with a freshly accepted socket: refuse it with a
+/// `554 5.7.1` when the listener's allow-list does not cover the peer, with a
 /// `421` when the shard already holds `connections_max`, else switch off Nagle
 /// (replies are small and the client waits for them) and return the peer's
 /// name (`ip:port`, `[ip6]:port` or `unix:`) for the session. `None`: the
 /// caller drops (closes) the socket.
-pub fn admit(fd: &OwnedFd, open_connections: usize, connections_max: usize) -> Option<String> {
+pub fn admit(
+    fd: &OwnedFd,
+    allow: &AllowList,
+    metrics: &ShardMetrics,
+    open_connections: usize,
+    connections_max: usize,
+) -> Option<String> {
+    let sock = socket2::SockRef::from(fd);
+    let peer = sock.peer_addr().ok().and_then(|a| a.as_socket());
+    if let Some(addr) = peer {
+        if !allow.allows(addr.ip()) {
+            tracing::info!(client = %addr, allow = %allow, "refused: client not in the listener's allow-list");
+            refuse(fd, b"554 5.7.1 Access denied: client not allowed\r\n");
+            crate::metrics::bump(&metrics.connections_refused_access, 1);
+            return None;
+        }
+    }
     if open_connections >= connections_max {
-        let msg = b"421 4.7.0 Too many connections, try again later\r\n";
-        // SAFETY: sends from a static buffer on a socket we own; a failure
-        // is harmless (the socket is closed right after).
-        unsafe {
-            libc::send(
-                fd.as_raw_fd(),
-                msg.as_ptr().cast(),
-                msg.len(),
-                libc::MSG_NOSIGNAL,
-            )
-        };
+        refuse(fd, b"421 4.7.0 Too many connections, try again later\r\n");
+        crate::metrics::bump(&metrics.connections_refused_limit, 1);
         return None;
     }
-    let sock = socket2::SockRef::from(fd);
-    match sock.peer_addr().ok().and_then(|a| a.as_socket()) {
+    match peer {
         Some(addr) => {
             let _ = sock.set_tcp_nodelay(true);
             Some(addr.to_string())
@@ -45,34 +68,79 @@ pub fn admit(fd: &OwnedFd, open_connections: usize, connections_max: usize) -> O
     }
 }
 
-/// One log line per message: queue id, client, sender, recipients, size,
-/// commit latency, outcome.
-pub fn log_delivery(shard: usize, d: &core::Delivered) {
-    let latency_us = d.commit_latency.as_micros() as u64;
-    match d.outcome {
-        CommitOutcome::Committed(id) => tracing::info!(
-            target: "delivery",
-            shard,
-            queue_id = %id,
-            client = %d.peer,
-            session = format_args!("{:x}.{}", d.session_id, d.transaction),
-            from = %d.sender,
-            rcpts = d.recipients,
-            size = d.body_bytes,
-            commit_us = latency_us,
-            "stored"
-        ),
-        other => tracing::warn!(
-            target: "delivery",
-            shard,
-            client = %d.peer,
-            session = format_args!("{:x}.{}", d.session_id, d.transaction),
-            from = %d.sender,
-            rcpts = d.recipients,
-            size = d.body_bytes,
-            commit_us = latency_us,
-            outcome = ?other,
-            "not stored"
-        ),
+/// How delivery lines are written: Postfix-style text or JSON fields.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// One log line per recipient of a message whose outcome arrived, under the
+/// `delivery` target, in the shape operators know from Postfix:
+///
+/// ```text
+/// 01JD3...: to=<alice@example.org>, client=192.0.2.7:41822, from=<s@example.net>, size=600,
+///   delay=0.0042, delays=0.0001/0.0041, dsn=2.0.0, status=sent (250 2.0.0 <alice@example.org> 01JD3... Saved)
+/// ```
+///
+/// `delay`: final dot to reply, in seconds; `delays`: waiting for room in
+/// the spool's queue / write and fdatasync. `status` is `sent` (stored) or
+/// `deferred` (the 4xx the client got; nothing stored, the queue id reads
+/// `NOQUEUE`). With [`LogFormat::Json`] the same items are separate fields.
+/// Stored messages log at `info`, others at `warn`.
+pub fn log_delivery(shard: usize, format: LogFormat, d: &core::Delivered) {
+    use crate::proto::reply::{self, Delivery};
+    // Nothing to format when the filter drops these lines (perf showed the
+    // formatting at 0.15% of a loaded server's CPU with RUST_LOG=warn).
+    let enabled = match d.outcome {
+        CommitOutcome::Committed(_) => tracing::enabled!(target: "delivery", tracing::Level::INFO),
+        _ => tracing::enabled!(target: "delivery", tracing::Level::WARN),
+    };
+    if !enabled {
+        return;
+    }
+    let (queue_id, status, delivery) = match d.outcome {
+        CommitOutcome::Committed(id) => (id.to_string(), "sent", Delivery::Saved(id)),
+        CommitOutcome::Failed => ("NOQUEUE".to_string(), "deferred", Delivery::TempFailure),
+        CommitOutcome::StorageFull => ("NOQUEUE".to_string(), "deferred", Delivery::StorageFull),
+    };
+    let delay = (d.queue_latency + d.commit_latency).as_secs_f64();
+    let delays = format!(
+        "{:.4}/{:.4}",
+        d.queue_latency.as_secs_f64(),
+        d.commit_latency.as_secs_f64()
+    );
+    let session = format!("{:x}.{}", d.session_id, d.transaction);
+    let mut buf = Vec::with_capacity(128);
+    for rcpt in &d.rcpts {
+        buf.clear();
+        reply::delivery(&mut buf, rcpt, delivery);
+        let text = String::from_utf8_lossy(buf.trim_ascii_end());
+        let dsn = text.split(' ').nth(1).unwrap_or("");
+        match (format, status) {
+            (LogFormat::Text, "sent") => tracing::info!(
+                target: "delivery",
+                "{queue_id}: to=<{rcpt}>, client={}, from={}, size={}, delay={delay:.4}, delays={delays}, dsn={dsn}, status={status} ({text})",
+                d.peer, d.sender, d.body_bytes
+            ),
+            (LogFormat::Text, _) => tracing::warn!(
+                target: "delivery",
+                "{queue_id}: to=<{rcpt}>, client={}, from={}, size={}, delay={delay:.4}, delays={delays}, dsn={dsn}, status={status} ({text})",
+                d.peer, d.sender, d.body_bytes
+            ),
+            (LogFormat::Json, "sent") => tracing::info!(
+                target: "delivery",
+                queue_id = %queue_id, to = %rcpt, client = %d.peer, from = %d.sender,
+                size = d.body_bytes, delay, delays = %delays, dsn, status, reply = %text,
+                shard, session = %session, "delivery"
+            ),
+            (LogFormat::Json, _) => tracing::warn!(
+                target: "delivery",
+                queue_id = %queue_id, to = %rcpt, client = %d.peer, from = %d.sender,
+                size = d.body_bytes, delay, delays = %delays, dsn, status, reply = %text,
+                shard, session = %session, "delivery"
+            ),
+        }
     }
 }

@@ -300,6 +300,29 @@ pub(crate) struct Shared {
     maintenance_stop: (Mutex<bool>, Condvar),
 }
 
+/// Read-only access to the spool's counters and queues for the metrics
+/// endpoint; outlives nothing (the writers may stop while it is held).
+pub struct MetricsSource {
+    shared: Arc<Shared>,
+}
+
+impl MetricsSource {
+    /// Each writer's counters.
+    pub fn writers(&self) -> &[Arc<WriterStats>] {
+        &self.shared.stats
+    }
+
+    /// Messages queued for the writers now.
+    pub fn queue_depth(&self) -> usize {
+        self.shared.senders.iter().map(|s| s.len()).sum()
+    }
+
+    /// Bytes of segment files now.
+    pub fn spool_bytes(&self) -> u64 {
+        self.shared.spool_bytes.load(Ordering::Relaxed)
+    }
+}
+
 /// An open spool with its writer threads running.
 pub struct Spool {
     shared: Arc<Shared>,
@@ -416,6 +439,13 @@ impl Spool {
     /// it is set again.
     pub fn is_storage_full(&self) -> bool {
         self.shared.full.iter().any(|f| f.load(Ordering::Relaxed))
+    }
+
+    /// What the metrics endpoint reads, from its own thread.
+    pub fn metrics_source(&self) -> MetricsSource {
+        MetricsSource {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Counters of every writer so far.

@@ -27,6 +27,10 @@ pub struct WriterStats {
     /// Watermark updates that failed (followers lag; nothing is lost).
     pub watermark_errors: AtomicU64,
     pub batch_histogram: [AtomicU64; BATCH_HISTOGRAM_BUCKETS],
+    /// Each fdatasync's latency (for the metrics endpoint).
+    pub fsync_ns: crate::metrics::Histogram,
+    /// Bytes written per batch (for the metrics endpoint).
+    pub batch_bytes: crate::metrics::Histogram,
 }
 
 impl WriterStats {
@@ -48,6 +52,12 @@ impl WriterStats {
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
         self.fsync_ns_total.fetch_add(ns, Ordering::Relaxed);
         self.fsync_ns_max.fetch_max(ns, Ordering::Relaxed);
+        self.fsync_ns.observe(crate::metrics::LATENCY_BOUNDS_NS, ns);
+    }
+
+    pub(crate) fn record_batch_bytes(&self, bytes: u64) {
+        self.batch_bytes
+            .observe(crate::metrics::BYTES_BOUNDS, bytes);
     }
 }
 

@@ -250,6 +250,8 @@ impl Writer {
             Err(Fail::Io) => {}
         }
         self.stats.record_batch(batch.len() as u64);
+        self.stats
+            .record_batch_bytes(batch.iter().map(|j| j.message.body.len() as u64).sum());
         let mut to_wake: Vec<Arc<super::ProducerShared>> = Vec::new();
         for (job, slot) in batch.drain(..).zip(outcomes) {
             let outcome = match (&result, slot) {

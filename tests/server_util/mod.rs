@@ -21,6 +21,9 @@ pub struct Server {
     pub socket: PathBuf,
     /// Everything the server logged so far (filled by a reader thread).
     log: mpsc::Receiver<String>,
+    /// `dir` was made for this server alone: removed on drop (unless the
+    /// test is failing). `start` sets it; callers of `start_in` may.
+    pub owns_dir: bool,
     pub log_lines: Vec<String>,
 }
 
@@ -37,7 +40,9 @@ pub fn test_dir(name: &str) -> PathBuf {
 impl Server {
     /// Starts a server with the given extra flags; waits for its banner.
     pub fn start(name: &str, io: &str, extra: &[&str]) -> Server {
-        Server::start_in(&test_dir(name), io, extra)
+        let mut s = Server::start_in(&test_dir(name), io, extra);
+        s.owns_dir = true;
+        s
     }
 
     /// Starts a server on an existing directory (its spool is reused).
@@ -52,6 +57,9 @@ impl Server {
             .arg("--spool")
             .arg(&spool)
             .args(["--io", io, "--hostname", "mx.test"])
+            // Small segments: every server a test starts preallocates one
+            // and prepares the next; 64 MiB each would fill a small disk.
+            .args(["--segment-bytes", "1048576"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -76,6 +84,7 @@ impl Server {
             socket,
             log: rx,
             log_lines: Vec::new(),
+            owns_dir: false,
         };
         let banner = server
             .wait_log("lmtp-ingest ready", Duration::from_secs(20))
@@ -148,6 +157,10 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Keep the evidence when the test failed.
+        if self.owns_dir && !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

@@ -400,7 +400,7 @@ impl Loop<'_> {
             // SAFETY: the accept returned a fresh descriptor that we now own.
             let fd = unsafe { OwnedFd::from_raw_fd(res) };
             if self.listening && !self.stopping {
-                self.open(now, fd);
+                self.open(now, i, fd);
             }
             // Not listening any more: dropping `fd` closes it.
         } else {
@@ -432,9 +432,11 @@ impl Loop<'_> {
 
     // --- connections -----------------------------------------------------
 
-    fn open(&mut self, now: Instant, fd: OwnedFd) {
+    fn open(&mut self, now: Instant, listener: usize, fd: OwnedFd) {
         let Some(peer) = super::admit(
             &fd,
+            &self.params.listeners[listener].allow,
+            self.core.metrics_ref(),
             self.core.open_connections(),
             self.params.connections_max,
         ) else {
@@ -729,7 +731,7 @@ impl Loop<'_> {
 
     fn log_deliveries(&mut self) {
         for d in self.core.take_delivered() {
-            super::log_delivery(self.params.shard_id, &d);
+            super::log_delivery(self.params.shard_id, self.params.delivery_log, &d);
         }
     }
 

@@ -174,6 +174,8 @@ pub struct SessionStats {
     pub recipients_delivered: u64,
     pub bare_cr: u64,
     pub bare_lf: u64,
+    /// Messages refused because they held bare CR or LF (policy `reject`).
+    pub messages_refused_bare_line_endings: u64,
     pub bad_commands: u64,
 }
 
@@ -629,6 +631,9 @@ impl Session {
         };
         if let Some(d) = refusal {
             self.stats.messages_refused += 1;
+            if d == Delivery::BareLineEnding {
+                self.stats.messages_refused_bare_line_endings += 1;
+            }
             for r in &txn.recipients {
                 reply::delivery(&mut self.out, &r.mailbox.address(), d);
             }
