@@ -258,7 +258,7 @@ pub fn start(config: &Config) -> Result<Running, String> {
         .transpose()?;
     let mut shard_metrics = Vec::new();
     let shutdown = Arc::new(AtomicBool::new(false));
-    let connections_max = config.server.connections_max.div_ceil(shards);
+    let connections = crate::io::core::ConnectionLimit::new(config.server.connections_max);
     let mut handles = Vec::new();
     let mut wakers = Vec::new();
     for (shard_id, (cpu, listeners)) in cpus.iter().copied().zip(listeners).enumerate() {
@@ -271,7 +271,8 @@ pub fn start(config: &Config) -> Result<Running, String> {
             producer,
             shard_id as u16,
             config.server.shard_inflight_bytes_max as usize,
-        );
+        )
+        .with_connection_limit(connections.clone());
         shard_metrics.push(core.metrics());
         let params = ShardParams {
             shard_id,
@@ -279,7 +280,6 @@ pub fn start(config: &Config) -> Result<Running, String> {
             waker,
             shutdown: shutdown.clone(),
             shutdown_grace: Duration::from_secs(config.server.shutdown_grace_secs),
-            connections_max,
             delivery_log: checked.log_format,
         };
         let handle = std::thread::Builder::new()

@@ -191,3 +191,42 @@ fn kill_9_under_load_loses_no_acknowledged_message() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+#[test]
+fn the_connection_limit_is_server_wide_not_per_shard() {
+    // SO_REUSEPORT hashes connections to shards unevenly; a per-shard share
+    // of the limit (20 each here) would refuse some of the first 40.
+    for io in backends() {
+        let dir = server_util::test_dir(&format!("connlimit-{io}"));
+        let cfg = dir.join("lmtp.toml");
+        std::fs::write(&cfg, "[server]\nshards = 2\nconnections_max = 40\n").unwrap();
+        let mut server = Server::start_in(&dir, io, &["--config", cfg.to_str().unwrap()]);
+        server.owns_dir = true;
+        let held: Vec<_> = (0..40)
+            .map(|i| Client::tcp(&server.addr()).unwrap_or_else(|e| panic!("connection {i}: {e}")))
+            .collect();
+        let mut extra = std::net::TcpStream::connect(server.addr()).unwrap();
+        extra
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut reply = String::new();
+        std::io::Read::read_to_string(&mut extra, &mut reply).unwrap();
+        assert!(
+            reply.starts_with("421 4.7.0"),
+            "the 41st connection: {reply:?}"
+        );
+        drop(held);
+        // Closed connections free their places again.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Client::tcp(&server.addr()) {
+                Ok(_) => break,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "no place freed: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        assert!(server.stop().success());
+    }
+}

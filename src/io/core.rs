@@ -103,6 +103,43 @@ pub struct CoreStats {
     pub spool_queue_full: u64,
 }
 
+/// The server-wide count of open connections, shared by every shard, against
+/// `server.connections_max`. SO_REUSEPORT does not spread connections evenly
+/// over shards, so a per-shard share of the limit would refuse clients early.
+/// Two shards admitting at the same moment can pass the check together, so the
+/// count may exceed the limit by at most shards - 1.
+#[derive(Debug)]
+pub struct ConnectionLimit {
+    open: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+impl ConnectionLimit {
+    pub fn new(max: usize) -> Arc<ConnectionLimit> {
+        Arc::new(ConnectionLimit {
+            open: std::sync::atomic::AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// No room for another connection: refuse it (`421`).
+    pub fn is_full(&self) -> bool {
+        self.open.load(std::sync::atomic::Ordering::Relaxed) >= self.max
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn opened(&self) {
+        self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn closed(&self) {
+        self.open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 pub struct ShardCore {
     cfg: Arc<SessionConfig>,
     producer: Producer,
@@ -125,6 +162,8 @@ pub struct ShardCore {
     stats: CoreStats,
     /// Read by the metrics endpoint; written only here.
     metrics: Arc<ShardMetrics>,
+    /// Open connections of the whole server (all shards).
+    connections: Arc<ConnectionLimit>,
 }
 
 impl ShardCore {
@@ -151,7 +190,20 @@ impl ShardCore {
             shutting_down: false,
             stats: CoreStats::default(),
             metrics: Arc::new(ShardMetrics::default()),
+            connections: ConnectionLimit::new(usize::MAX),
         }
+    }
+
+    /// The server-wide connection count this shard counts into.
+    pub fn connection_limit(&self) -> &ConnectionLimit {
+        &self.connections
+    }
+
+    /// Shares `limit` with the other shards: every connection this shard
+    /// opens or closes counts against the server-wide `connections_max`.
+    pub fn with_connection_limit(mut self, limit: Arc<ConnectionLimit>) -> Self {
+        self.connections = limit;
+        self
     }
 
     /// This shard's counters, for the metrics endpoint.
@@ -229,6 +281,7 @@ impl ShardCore {
         };
         self.stats.connections_opened += 1;
         self.stats.connections_open += 1;
+        self.connections.opened();
         bump(&self.metrics.connections_opened, 1);
         self.publish_gauges();
         self.dirty.push(slot);
@@ -469,6 +522,7 @@ impl ShardCore {
             return;
         }
         self.stats.connections_open -= 1;
+        self.connections.closed();
         conn.held = Vec::new();
         if let Some((_, message)) = conn.waiting.take() {
             // Never reached the spool: nothing stored, nothing owed. Its

@@ -87,8 +87,6 @@ pub struct ShardParams {
     pub shutdown: Arc<AtomicBool>,
     /// How long to wait for busy sessions after shutdown begins.
     pub shutdown_grace: Duration,
-    /// Connections this shard holds at most; more are answered 421 and closed.
-    pub connections_max: usize,
     /// How delivery log lines are written.
     pub delivery_log: super::LogFormat,
 }
@@ -320,8 +318,7 @@ impl Loop<'_> {
                 &fd,
                 &self.params.listeners[i].allow,
                 self.core.metrics_ref(),
-                self.core.open_connections(),
-                self.params.connections_max,
+                self.core.connection_limit(),
             ) else {
                 continue;
             };

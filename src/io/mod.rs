@@ -33,7 +33,7 @@ fn refuse(fd: &OwnedFd, msg: &'static [u8]) {
 
 /// What both backends do with a freshly accepted socket: refuse it with a
 /// `554 5.7.1` when the listener's allow-list does not cover the peer, with a
-/// `421` when the shard already holds `connections_max`, else switch off Nagle
+/// `421` when the server already holds `connections_max`, else switch off Nagle
 /// (replies are small and the client waits for them) and return the peer's
 /// name (`ip:port`, `[ip6]:port` or `unix:`) for the session. `None`: the
 /// caller drops (closes) the socket.
@@ -41,8 +41,7 @@ pub fn admit(
     fd: &OwnedFd,
     allow: &AllowList,
     metrics: &ShardMetrics,
-    open_connections: usize,
-    connections_max: usize,
+    connections: &core::ConnectionLimit,
 ) -> Option<String> {
     let sock = socket2::SockRef::from(fd);
     let peer = sock.peer_addr().ok().and_then(|a| a.as_socket());
@@ -54,7 +53,7 @@ pub fn admit(
             return None;
         }
     }
-    if open_connections >= connections_max {
+    if connections.is_full() {
         refuse(fd, b"421 4.7.0 Too many connections, try again later\r\n");
         crate::metrics::bump(&metrics.connections_refused_limit, 1);
         return None;

@@ -102,7 +102,7 @@ pub struct ShardMetrics {
     pub connections_open: AtomicU64,
     /// Refused with `554 5.7.1`: not in the listener's allow-list.
     pub connections_refused_access: AtomicU64,
-    /// Refused with `421`: the shard held `connections_max` already.
+    /// Refused with `421`: the server held `connections_max` already.
     pub connections_refused_limit: AtomicU64,
     pub messages: AtomicU64,
     pub recipients: AtomicU64,

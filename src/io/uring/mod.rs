@@ -437,8 +437,7 @@ impl Loop<'_> {
             &fd,
             &self.params.listeners[listener].allow,
             self.core.metrics_ref(),
-            self.core.open_connections(),
-            self.params.connections_max,
+            self.core.connection_limit(),
         ) else {
             return;
         };
