@@ -237,3 +237,59 @@ fn scraped_during_a_postfix_smtp_source_run() {
         assert_eq!(v["recipients"], MESSAGES * RCPTS, "{v}");
     }
 }
+
+/// The project's own load generator, scraped while it runs: the counters must
+/// equal what `lmtp-ingest load --json` says it sent and got answered.
+#[test]
+fn scraped_during_our_load_generator_run() {
+    for io in backends() {
+        let dir = test_dir(&format!("ops-metrics-load-{io}"));
+        let c = dir.join("config.toml");
+        std::fs::write(&c, "[metrics]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+        let mut server = Server::start_in(&dir, io, &["--config", &c.display().to_string()]);
+        server.owns_dir = true;
+        let line = server
+            .wait_log("metrics endpoint listening", Duration::from_secs(10))
+            .unwrap();
+        let at = line.find("http://").unwrap() + 7;
+        let metrics = line[at..].split('/').next().unwrap().to_string();
+        let mut child = std::process::Command::new(server_util::BIN)
+            .args(["load", "--target", &server.addr(), "--json"])
+            .args(["--connections", "8", "--recipients", "4", "--size", "3000"])
+            .args(["--messages", "400"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The JSON report is small: it fits the pipe while we poll.
+        let mut during = Vec::new();
+        while child.try_wait().unwrap().is_none() {
+            during.push(scrape(&metrics)["lmtp_ingest_messages_total"]);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "load failed");
+        assert!(during.windows(2).all(|w| w[0] <= w[1]), "{during:?}");
+        let sent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(sent["protocol_errors"], 0, "{sent}");
+        let m = scrape(&metrics);
+        assert_eq!(
+            m["lmtp_ingest_messages_total"],
+            sent["messages"].as_f64().unwrap()
+        );
+        assert_eq!(
+            m["lmtp_ingest_recipients_total"],
+            sent["recipients"].as_f64().unwrap()
+        );
+        assert_eq!(m["lmtp_ingest_connections_opened_total"], 8.0);
+        assert_eq!(
+            m["lmtp_ingest_dot_to_reply_seconds_count"],
+            sent["messages"].as_f64().unwrap()
+        );
+        assert_eq!(
+            m["lmtp_ingest_replies_total{code=\"250\"}"],
+            // LHLO per connection; per message MAIL, 4 RCPT, 4 final replies.
+            8.0 + 400.0 * 9.0
+        );
+        assert!(server.stop().success());
+    }
+}
