@@ -14,6 +14,7 @@
 //! added by later work; see docs/ARCHITECTURE.md.
 
 pub mod config;
+pub mod doctor;
 pub mod envelope;
 pub mod io;
 pub mod proto;

@@ -6,6 +6,7 @@
 //! verify` found corrupt records), 2 the command could not run (bad
 //! arguments, unreadable spool).
 
+mod doctor;
 mod serve;
 mod spool;
 
@@ -30,6 +31,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Inspect, verify, export and follow a spool.
     Spool(spool::SpoolArgs),
+    /// Check this machine for the server: io_uring, limits, sysctls, CPUs,
+    /// the spool's file system and its measured fdatasync latency.
+    Doctor(doctor::DoctorArgs),
 }
 
 /// What a subcommand reports back.
@@ -53,6 +57,7 @@ pub fn main() -> ExitCode {
             unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
             spool::run(args)
         }
+        Some(Command::Doctor(args)) => doctor::run(args),
     };
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
