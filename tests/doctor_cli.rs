@@ -185,3 +185,23 @@ fn bad_arguments_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("spool.writers"));
 }
+
+#[test]
+fn the_tuning_example_configuration_is_valid() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning/lmtp-ingest.toml.example");
+    let out = Command::new(BIN)
+        .args(["serve", "--print-config", "--config"])
+        .arg(&example)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        printed.contains("dir = \"/var/lib/lmtp-ingest/spool\""),
+        "{printed}"
+    );
+}
