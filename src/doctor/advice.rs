@@ -47,7 +47,9 @@ fn advice(topic: &str, text: String, config: Option<String>) -> Advice {
 }
 
 fn rate(v: f64) -> String {
-    if v >= 10_000.0 {
+    if v >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if v >= 10_000.0 {
         format!("{:.0}k", v / 1000.0)
     } else {
         format!("{v:.0}")
@@ -78,10 +80,14 @@ pub fn derive(
 
     // Writers.
     let parallel = spool.rotational == Some(false) && spool.hw_queues.unwrap_or(1) > 1;
-    let (text, line) = if spool.rotational == Some(true) {
+    // Virtual disks often report rotational; a flush under 1 ms is not a
+    // spinning disk's, whatever the flag says.
+    let spinning = spool.rotational == Some(true) && t >= WRITERS_MORE_ABOVE_US;
+    let (text, line) = if spinning {
         (
             format!(
-                "1: the device says it is rotational (a spinning disk, or a virtual disk that does not say otherwise); a spinning disk runs one flush at a time and more writers only seek between their segments (configured: {})",
+                "1: the device reports itself rotational and a sync takes {}; a spinning disk runs one flush at a time and more writers only seek between their segments (configured: {})",
+                ms(t),
                 s.writers
             ),
             (s.writers != 1).then(|| "writers = 1".to_string()),
@@ -217,6 +223,18 @@ mod tests {
         assert_eq!(a[0].config.as_deref(), Some("writers = 2"));
         let (a, _) = derive(&Config::default(), Some(&report(200.0)), &spool);
         assert_eq!(a[0].config, None, "{}", a[0].text);
+    }
+
+    #[test]
+    fn a_fast_disk_that_says_rotational_is_not_called_spinning() {
+        let spool = SpoolFound {
+            rotational: Some(true),
+            ..SpoolFound::default()
+        };
+        let (a, _) = derive(&Config::default(), Some(&report(150.0)), &spool);
+        assert!(a[0].text.starts_with("1 is enough"), "{}", a[0].text);
+        let (a, _) = derive(&Config::default(), Some(&report(8000.0)), &spool);
+        assert!(a[0].text.contains("rotational"), "{}", a[0].text);
     }
 
     #[test]
