@@ -15,6 +15,7 @@
 
 pub mod access;
 pub mod config;
+pub mod doctor;
 pub mod envelope;
 pub mod io;
 pub mod load;

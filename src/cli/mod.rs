@@ -6,6 +6,7 @@
 //! verify` found corrupt records), 2 the command could not run (bad
 //! arguments, unreadable spool).
 
+mod doctor;
 mod load;
 mod serve;
 mod spool;
@@ -33,6 +34,9 @@ enum Command {
     Spool(spool::SpoolArgs),
     /// Load an LMTP server: pipelined clients, every reply checked, rates and latency.
     Load(load::LoadArgs),
+    /// Check this machine for the server: io_uring, limits, sysctls, CPUs,
+    /// the spool's file system and its measured fdatasync latency.
+    Doctor(doctor::DoctorArgs),
 }
 
 /// What a subcommand reports back.
@@ -57,6 +61,7 @@ pub fn main() -> ExitCode {
             spool::run(args)
         }
         Some(Command::Load(args)) => load::run(args),
+        Some(Command::Doctor(args)) => doctor::run(args),
     };
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,

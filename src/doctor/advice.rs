@@ -1,0 +1,265 @@
+//! Advice derived from the measured fdatasync latency: how many spool
+//! writers, whether a batch window helps, and the ceiling of commits per
+//! second that the disk allows (batches/s x batch size).
+//!
+//! The model (see `src/spool/mod.rs`): each writer takes every message
+//! waiting, writes them as one batch and syncs once; messages arriving during
+//! a sync form the next batch. So one writer commits at most
+//! `syncs_per_s x batch size` messages a second, where the batch size is what
+//! clients have in flight, capped by `batch_messages_max` and
+//! `batch_bytes_max`. A lock-step client (Postfix's LMTP client, one message
+//! per session at a time) has one message in flight per session.
+//!
+//! Must not: recommend a non-default value without saying why, measured.
+
+use serde::Serialize;
+
+use crate::config::Config;
+
+use super::Check;
+use super::fsync::{BLOCK_BYTES, FsyncReport, ms};
+use super::spool::SpoolFound;
+
+/// Medians above this make a second writer worth trying on a device with
+/// parallel queues: the write and the flush of one batch then take long
+/// enough that a second stream overlaps useful work.
+const WRITERS_MORE_ABOVE_US: f64 = 1_000.0;
+/// Medians below this are NVMe-with-PLP class: a batch window can trade a
+/// little latency for fewer syncs when batches stay tiny.
+const WINDOW_MAY_HELP_BELOW_US: f64 = 50.0;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Advice {
+    /// `writers`, `batch_window` or `commit_ceiling`.
+    pub topic: String,
+    pub text: String,
+    /// The configuration line to use, when a change is advised.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+}
+
+fn advice(topic: &str, text: String, config: Option<String>) -> Advice {
+    Advice {
+        topic: topic.into(),
+        text,
+        config,
+    }
+}
+
+fn rate(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if v >= 10_000.0 {
+        format!("{:.0}k", v / 1000.0)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+/// The advice, and the checks of the configured values against it.
+pub fn derive(
+    config: &Config,
+    fsync: Option<&FsyncReport>,
+    spool: &SpoolFound,
+) -> (Vec<Advice>, Vec<Check>) {
+    let Some(f) = fsync else {
+        return (
+            vec![advice(
+                "writers",
+                "no fdatasync measurement (see the failed spool checks); keep writers = 1 and batch_delay_us_max = 0 until one is possible".into(),
+                None,
+            )],
+            Vec::new(),
+        );
+    };
+    let s = &config.spool;
+    let t = f.overwrite.median_us;
+    let syncs = f.overwrite.syncs_per_s;
+    let mut out = Vec::new();
+    let mut checks = Vec::new();
+
+    // Writers.
+    let parallel = spool.rotational == Some(false) && spool.hw_queues.unwrap_or(1) > 1;
+    // Virtual disks often report rotational; a flush under 1 ms is not a
+    // spinning disk's, whatever the flag says.
+    let spinning = spool.rotational == Some(true) && t >= WRITERS_MORE_ABOVE_US;
+    let (text, line) = if spinning {
+        (
+            format!(
+                "1: the device reports itself rotational and a sync takes {}; a spinning disk runs one flush at a time and more writers only seek between their segments (configured: {})",
+                ms(t),
+                s.writers
+            ),
+            (s.writers != 1).then(|| "writers = 1".to_string()),
+        )
+    } else if t > WRITERS_MORE_ABOVE_US && parallel {
+        (
+            format!(
+                "2 (then 4 if commits/s still rise): a sync takes {} here and the device has {} hardware queues, so a second writer's stream overlaps the first's flush (configured: {}); verify with the same load before and after",
+                ms(t),
+                spool.hw_queues.unwrap_or(1),
+                s.writers
+            ),
+            (s.writers < 2).then(|| "writers = 2".to_string()),
+        )
+    } else if t > WRITERS_MORE_ABOVE_US {
+        (
+            format!(
+                "1, or 2 if the device has parallel queues (not visible from here): a sync takes {}; try writers = 2 under the same load and keep it only if commits/s rise (configured: {})",
+                ms(t),
+                s.writers
+            ),
+            None,
+        )
+    } else {
+        (
+            format!(
+                "1 is enough: at {} a sync one writer commits about {} batches/s, more than a few thousand messages/s even for lock-step clients; more writers add threads and segment streams, not commits (configured: {})",
+                ms(t),
+                rate(syncs),
+                s.writers
+            ),
+            None,
+        )
+    };
+    out.push(advice("writers", text, line));
+
+    // Batch window.
+    if t < WINDOW_MAY_HELP_BELOW_US {
+        out.push(advice(
+            "batch_window",
+            format!(
+                "0 (adaptive) unless the writer's batch mean stays below 4 under heavy load: syncs of {} end before many messages arrive, so batches stay small and the device does one flush per few messages; then batch_delay_us_max = {} (about one sync time) lets a batch wait that long, only while messages keep arriving",
+                ms(t),
+                (t.round() as u64).max(20)
+            ),
+            None,
+        ));
+    } else {
+        out.push(advice(
+            "batch_window",
+            format!(
+                "0 (adaptive, the default): at {} a sync, the messages that arrive during one sync already form the next batch; a fixed wait would add to every reply's latency without fewer syncs per message",
+                ms(t)
+            ),
+            None,
+        ));
+    }
+    if s.batch_delay_us_max > 0
+        && (s.batch_delay_us_max as f64) > 2.0 * t.max(WINDOW_MAY_HELP_BELOW_US)
+    {
+        checks.push(Check::warn(
+            "batch_window",
+            format!(
+                "batch_delay_us_max = {} µs is more than twice the measured sync ({}): every reply under load waits up to that long for no fewer syncs",
+                s.batch_delay_us_max,
+                ms(t)
+            ),
+            "batch_delay_us_max = 0 under [spool]",
+        ));
+    } else {
+        checks.push(Check::ok(
+            "batch_window",
+            format!(
+                "batch_delay_us_max = {} µs (0: adaptive, no added delay)",
+                s.batch_delay_us_max
+            ),
+        ));
+    }
+
+    // The ceiling.
+    let batch_max = s
+        .batch_messages_max
+        .min((s.batch_bytes_max / BLOCK_BYTES).max(1)) as f64;
+    let w = s.writers as f64;
+    let at = |inflight: f64| w * syncs * (inflight / w).clamp(1.0, batch_max);
+    out.push(advice(
+        "commit_ceiling",
+        format!(
+            "commits/s = writers x syncs/s x batch size, measured {} syncs/s per writer with 4 KiB writes: 1 lock-step session {} msg/s; 16 sessions {}; 64 {}; full batches of {} x 4 KiB {} (an upper bound: a full batch also writes {} KiB before its sync, and past a few tens of thousands a second the CPU limits first, see docs/BENCHMARKS.md)",
+            rate(syncs),
+            rate(syncs),
+            rate(at(16.0)),
+            rate(at(64.0)),
+            batch_max,
+            rate(w * syncs * batch_max),
+            (batch_max as usize * BLOCK_BYTES) >> 10
+        ),
+        None,
+    ));
+    (out, checks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fsync::LatencyStats;
+    use super::*;
+
+    fn report(median_us: f64) -> FsyncReport {
+        let s = LatencyStats {
+            iterations: 100,
+            min_us: median_us / 2.0,
+            median_us,
+            p99_us: median_us * 3.0,
+            max_us: median_us * 10.0,
+            syncs_per_s: 1e6 / median_us,
+        };
+        FsyncReport {
+            dir: "/x".into(),
+            block_bytes: BLOCK_BYTES,
+            append: s.clone(),
+            overwrite: s,
+        }
+    }
+
+    #[test]
+    fn slow_parallel_disk_gets_a_second_writer() {
+        let spool = SpoolFound {
+            rotational: Some(false),
+            hw_queues: Some(8),
+            ..SpoolFound::default()
+        };
+        let (a, _) = derive(&Config::default(), Some(&report(4000.0)), &spool);
+        assert_eq!(a[0].config.as_deref(), Some("writers = 2"));
+        let (a, _) = derive(&Config::default(), Some(&report(200.0)), &spool);
+        assert_eq!(a[0].config, None, "{}", a[0].text);
+    }
+
+    #[test]
+    fn a_fast_disk_that_says_rotational_is_not_called_spinning() {
+        let spool = SpoolFound {
+            rotational: Some(true),
+            ..SpoolFound::default()
+        };
+        let (a, _) = derive(&Config::default(), Some(&report(150.0)), &spool);
+        assert!(a[0].text.starts_with("1 is enough"), "{}", a[0].text);
+        let (a, _) = derive(&Config::default(), Some(&report(8000.0)), &spool);
+        assert!(a[0].text.contains("rotational"), "{}", a[0].text);
+    }
+
+    #[test]
+    fn a_long_window_is_flagged_with_the_fix() {
+        let mut c = Config::default();
+        c.spool.batch_delay_us_max = 5_000;
+        let (_, checks) = derive(&c, Some(&report(200.0)), &SpoolFound::default());
+        assert_eq!(checks[0].status, super::super::Status::Warn);
+        assert_eq!(
+            checks[0].fix.as_deref(),
+            Some("batch_delay_us_max = 0 under [spool]")
+        );
+    }
+
+    #[test]
+    fn ceiling_counts_batches() {
+        let (a, _) = derive(
+            &Config::default(),
+            Some(&report(1000.0)),
+            &SpoolFound::default(),
+        );
+        let c = &a[2].text;
+        assert!(
+            c.contains("1 lock-step session 1000 msg/s") && c.contains("16 sessions 16k"),
+            "{c}"
+        );
+    }
+}

@@ -1,0 +1,249 @@
+//! A measured fdatasync latency on the spool's file system, in the spirit of
+//! PostgreSQL's `pg_test_fsync`.
+//!
+//! Two modes, each given half the time budget (and at most
+//! [`ITERATIONS_MAX`] rounds), in a temporary file in the spool directory:
+//! - `append`: write 4 KiB at the end of the file, then `fdatasync`. Each sync
+//!   also commits the new file size (a journal commit on ext4/xfs), like
+//!   `pg_test_fsync` and the shared `fsync_bench.py`.
+//! - `overwrite`: the same writes into a file zero-filled and synced first,
+//!   which is what the spool's writers do (segments are pre-zeroed so that
+//!   fdatasync has no metadata to write). This is the figure the advice uses.
+//!
+//! Must not: leave the file behind (a guard removes it on every path, panics
+//! included), or write more than [`ITERATIONS_MAX`] x 4 KiB per mode.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::Check;
+
+/// One write's size: a small message's record, and `pg_test_fsync`'s default.
+pub const BLOCK_BYTES: usize = 4096;
+/// Rounds per mode at most (64 MiB of appends), so a fast disk and a long
+/// `--fsync-seconds` cannot fill the spool's file system.
+pub const ITERATIONS_MAX: usize = 16_384;
+/// The pre-zeroed file for `overwrite`: writes wrap around inside it.
+const OVERWRITE_FILE_BYTES: u64 = 16 << 20;
+
+/// Latency of write + fdatasync, in microseconds.
+#[derive(Clone, Debug, Serialize)]
+pub struct LatencyStats {
+    pub iterations: usize,
+    pub min_us: f64,
+    pub median_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+    /// Rounds per second of wall time: one writer's ceiling of syncs.
+    pub syncs_per_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FsyncReport {
+    pub dir: PathBuf,
+    pub block_bytes: usize,
+    /// Appends (each sync commits a size change too).
+    pub append: LatencyStats,
+    /// Overwrites of a pre-zeroed file (what a spool segment sees).
+    pub overwrite: LatencyStats,
+}
+
+/// Removes the temporary file however the measurement ends.
+struct TempFile {
+    path: PathBuf,
+    file: File,
+}
+
+impl TempFile {
+    fn create(dir: &Path, tag: &str) -> io::Result<TempFile> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = dir.join(format!(
+            ".lmtp-ingest-doctor-{tag}.{}.{nanos}.tmp",
+            std::process::id()
+        ));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        Ok(TempFile { path, file })
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn fdatasync(f: &File) -> io::Result<()> {
+    // SAFETY: fdatasync takes a descriptor we own for the call's duration.
+    if unsafe { libc::fdatasync(f.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn stats(mut lat_us: Vec<f64>, wall: Duration) -> LatencyStats {
+    lat_us.sort_by(f64::total_cmp);
+    let n = lat_us.len();
+    LatencyStats {
+        iterations: n,
+        min_us: lat_us.first().copied().unwrap_or(0.0),
+        median_us: percentile(&lat_us, 0.5),
+        p99_us: percentile(&lat_us, 0.99),
+        max_us: lat_us.last().copied().unwrap_or(0.0),
+        syncs_per_s: n as f64 / wall.as_secs_f64().max(1e-9),
+    }
+}
+
+/// Runs rounds of `step(i)` + fdatasync until the budget or the count runs
+/// out (at least one round).
+fn rounds(
+    file: &File,
+    budget: Duration,
+    mut step: impl FnMut(usize) -> io::Result<()>,
+) -> io::Result<LatencyStats> {
+    let mut lat = Vec::with_capacity(1024);
+    let start = Instant::now();
+    while lat.len() < ITERATIONS_MAX && (lat.is_empty() || start.elapsed() < budget) {
+        let t = Instant::now();
+        step(lat.len())?;
+        fdatasync(file)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(stats(lat, start.elapsed()))
+}
+
+/// Measures both modes in `dir`, `total` split between them.
+pub fn measure(dir: &Path, total: Duration) -> io::Result<FsyncReport> {
+    let half = total / 2;
+    // Not all zeros, in case the file system compresses or dedups.
+    let block: Vec<u8> = (0..BLOCK_BYTES).map(|i| (i * 131 % 251) as u8).collect();
+
+    let append = {
+        let t = TempFile::create(dir, "append")?;
+        fdatasync(&t.file)?;
+        let mut f: &File = &t.file;
+        rounds(&t.file, half, |_| f.write_all(&block))?
+    };
+
+    let overwrite = {
+        let t = TempFile::create(dir, "overwrite")?;
+        let zeros = vec![0u8; 1 << 20];
+        let mut f: &File = &t.file;
+        for _ in 0..OVERWRITE_FILE_BYTES / zeros.len() as u64 {
+            f.write_all(&zeros)?;
+        }
+        t.file.sync_all()?;
+        let slots = OVERWRITE_FILE_BYTES / BLOCK_BYTES as u64;
+        rounds(&t.file, half, |i| {
+            t.file
+                .write_all_at(&block, (i as u64 % slots) * BLOCK_BYTES as u64)
+        })?
+    };
+
+    Ok(FsyncReport {
+        dir: dir.to_path_buf(),
+        block_bytes: BLOCK_BYTES,
+        append,
+        overwrite,
+    })
+}
+
+pub fn ms(us: f64) -> String {
+    if us >= 10_000.0 {
+        format!("{:.0} ms", us / 1000.0)
+    } else if us >= 1000.0 {
+        format!("{:.1} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
+fn line(s: &LatencyStats) -> String {
+    format!(
+        "n={} min {} median {} p99 {} max {}",
+        s.iterations,
+        ms(s.min_us),
+        ms(s.median_us),
+        ms(s.p99_us),
+        ms(s.max_us)
+    )
+}
+
+/// Above this median a single sync stream limits commits for lock-step
+/// clients to a few hundred a second (spinning disks, busy cloud volumes).
+const SLOW_MEDIAN_US: f64 = 5_000.0;
+/// Below this, flushes are either absorbed by a non-volatile cache (PLP) or
+/// not passed down at all (a VM disk with cache=unsafe, a lying disk).
+const SUSPICIOUSLY_FAST_US: f64 = 30.0;
+
+/// The check line for the measurement.
+pub fn check(r: &FsyncReport) -> Check {
+    let o = &r.overwrite;
+    let value = format!(
+        "overwrite (spool-like) {}; append {}",
+        line(o),
+        line(&r.append)
+    );
+    if o.median_us > SLOW_MEDIAN_US {
+        Check::warn(
+            "spool_fsync",
+            format!("{value}: slow; each lock-step client waits at least this per message"),
+            "a disk with power-loss protection (enterprise NVMe/SSD) or a provisioned-IOPS volume; meanwhile more writers (see advice) and more client sessions keep throughput up",
+        )
+    } else if o.median_us < SUSPICIOUSLY_FAST_US {
+        Check::ok(
+            "spool_fsync",
+            format!(
+                "{value}: this fast means a non-volatile (PLP) write cache, or flushes that never reach the disk (a VM disk with cache=unsafe): confirm which"
+            ),
+        )
+    } else {
+        Check::ok("spool_fsync", value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 50.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&[7.0], 0.99), 7.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn measures_and_cleans_up() {
+        let dir =
+            tempfile::tempdir_in(Path::new(env!("CARGO_MANIFEST_DIR")).join("target")).unwrap();
+        let r = measure(dir.path(), Duration::from_millis(100)).unwrap();
+        for s in [&r.append, &r.overwrite] {
+            assert!(s.iterations >= 1 && s.median_us > 0.0, "{s:?}");
+            assert!(s.min_us <= s.median_us && s.median_us <= s.p99_us && s.p99_us <= s.max_us);
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}
