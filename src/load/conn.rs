@@ -105,6 +105,8 @@ pub struct ClientConn {
     scheduled_at: Option<Instant>,
     // LHLO findings.
     offers_pipelining: bool,
+    /// The LHLO reply offered SIZE: MAIL may carry `SIZE=`.
+    offers_size: bool,
     rcpt_max: Option<usize>,
 }
 
@@ -166,6 +168,7 @@ impl ClientConn {
             dot_at: None,
             scheduled_at: None,
             offers_pipelining: false,
+            offers_size: false,
             rcpt_max: None,
         }
     }
@@ -220,7 +223,12 @@ impl ClientConn {
         match std::mem::replace(&mut self.send, Send::Nothing) {
             Send::Nothing => return false,
             Send::Lhlo => out.extend_from_slice(LHLO),
-            Send::Envelope => out.extend_from_slice(&t.envelope),
+            Send::Envelope if self.offers_size => out.extend_from_slice(&t.envelope),
+            Send::Envelope => {
+                out.extend_from_slice(&t.mail_without_size);
+                out.extend_from_slice(&t.envelope[t.command_ends[0]..]);
+            }
+            Send::Command(0) if !self.offers_size => out.extend_from_slice(&t.mail_without_size),
             Send::Command(k) => out.extend_from_slice(t.command(k)),
             Send::Body => {
                 out.extend_from_slice(&t.body);
@@ -353,6 +361,13 @@ impl ClientConn {
             let text = line.get(4..).unwrap_or(&[]);
             if text.starts_with(b"PIPELINING") {
                 self.offers_pipelining = true;
+            }
+            let keyword = text
+                .split(|&c| c == b' ' || c == b'\r' || c == b'\n')
+                .next()
+                .unwrap_or(&[]);
+            if keyword.eq_ignore_ascii_case(b"SIZE") {
+                self.offers_size = true;
             }
             if let Some(v) = text.strip_prefix(b"LIMITS ") {
                 for kv in v.split(|&c| c == b' ') {
@@ -589,7 +604,7 @@ mod tests {
     use super::*;
 
     const LHLO_REPLY: &[u8] =
-        b"250-mx.test\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n250 LIMITS RCPTMAX=1000\r\n";
+        b"250-mx.test\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n250-SIZE 52428800\r\n250 LIMITS RCPTMAX=1000\r\n";
 
     struct T {
         c: ClientConn,
@@ -844,6 +859,41 @@ mod tests {
         let mut t = T::new(1, false);
         let e = t.input(b"554 go away\r\n").unwrap_err();
         assert!(e.what.contains("greeting"), "{e}");
+    }
+
+    #[test]
+    fn no_size_parameter_unless_the_server_offers_size() {
+        // Dovecot 2.3's LMTP offers no SIZE and answers SIZE= with 555.
+        for pipelining in [true, false] {
+            let mut t = T::new(2, pipelining);
+            t.input(b"220 x\r\n").unwrap();
+            assert_eq!(t.sent(), "LHLO load.example.com\r\n");
+            t.input(b"250-x\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n")
+                .unwrap();
+            t.c.start_message(0, None);
+            let sent = t.sent();
+            assert!(
+                sent.starts_with("MAIL FROM:<load@example.com>\r\n"),
+                "{sent}"
+            );
+            assert!(!sent.contains("SIZE="), "{sent}");
+            if pipelining {
+                assert!(
+                    sent.ends_with("RCPT TO:<user1@example.com>\r\nDATA\r\n"),
+                    "{sent}"
+                );
+            }
+        }
+        // Offered with or without a number: SIZE= is sent.
+        let mut t = T::new(1, true);
+        t.input(b"220 x\r\n250-x\r\n250-PIPELINING\r\n250 SIZE\r\n")
+            .unwrap();
+        t.sent();
+        t.c.start_message(0, None);
+        assert!(
+            t.sent()
+                .starts_with("MAIL FROM:<load@example.com> SIZE=100\r\n")
+        );
     }
 
     #[test]

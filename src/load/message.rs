@@ -29,6 +29,10 @@ pub struct SizeTemplate {
     pub envelope: Vec<u8>,
     /// End offset of each command in `envelope`: MAIL, each RCPT, DATA.
     pub command_ends: Vec<usize>,
+    /// `MAIL FROM:<..>\r\n` without `SIZE=`, for servers whose LHLO reply
+    /// does not offer SIZE (a client must not send a parameter the server
+    /// did not offer: Dovecot answers it with 555).
+    pub mail_without_size: Vec<u8>,
     /// The dot-stuffed body followed by `.\r\n`.
     pub body: Vec<u8>,
 }
@@ -94,6 +98,7 @@ fn build(size: usize, rcpts: &[String]) -> SizeTemplate {
         size,
         envelope,
         command_ends,
+        mail_without_size: format!("MAIL FROM:<{SENDER}>\r\n").into_bytes(),
         body: stuff(&content(size)),
     }
 }
