@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use super::core::{ShardCore, Slot};
 use super::listen::Listener;
+use super::sys::Epoll;
 
 const TOKEN_WAKE: u64 = u64::MAX;
 /// Listener `i` has token `TOKEN_LISTENER_BASE - i`.
@@ -91,56 +92,6 @@ pub struct ShardParams {
     pub delivery_log: super::LogFormat,
 }
 
-struct Epoll {
-    fd: OwnedFd,
-}
-
-impl Epoll {
-    fn new() -> io::Result<Epoll> {
-        // SAFETY: no memory arguments; the descriptor is checked, then owned.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fresh descriptor, owned from here on.
-        Ok(Epoll {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
-    }
-
-    fn ctl(&self, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events, u64: token };
-        // SAFETY: `ev` lives across the call; the kernel copies it.
-        if unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut ev) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    fn wait(&self, events: &mut [libc::epoll_event], timeout: Duration) -> io::Result<usize> {
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: the kernel writes at most `events.len()` entries into the
-        // slice, which stays borrowed mutably for the call.
-        let n = unsafe {
-            libc::epoll_wait(
-                self.fd.as_raw_fd(),
-                events.as_mut_ptr(),
-                events.len() as i32,
-                ms,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(0)
-            } else {
-                Err(e)
-            };
-        }
-        Ok(n as usize)
-    }
-}
-
 /// Runs one shard until shutdown completes.
 pub fn run_shard(mut core: ShardCore, params: ShardParams) -> io::Result<()> {
     let ep = Epoll::new()?;
@@ -189,6 +140,8 @@ struct Loop<'a> {
 impl Loop<'_> {
     fn run(&mut self) -> io::Result<()> {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_MAX];
+        // epoll_pwait2 (microsecond timeouts) until the kernel says ENOSYS.
+        let mut precise = true;
         let mut next_tick = Instant::now() + TICK;
         let mut shutdown_deadline: Option<Instant> = None;
         let mut was_paused = false;
@@ -199,7 +152,7 @@ impl Loop<'_> {
             } else {
                 Duration::ZERO
             };
-            let n = self.ep.wait(&mut events, timeout)?;
+            let n = self.ep.wait(&mut events, timeout, &mut precise)?;
             let now = Instant::now();
             let mut woke = false;
             for ev in &events[..n] {

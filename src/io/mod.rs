@@ -8,6 +8,7 @@
 pub mod core;
 pub mod epoll;
 pub mod listen;
+pub mod sys;
 // io_uring backend (branch uring).
 pub mod uring;
 

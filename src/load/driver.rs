@@ -13,7 +13,7 @@
 //! the budget ends by message count or deadline.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use super::conn::{ClientConn, ProtocolError};
 use super::message::Templates;
 use super::tally::Tally;
+use crate::io::sys::Epoll;
 
 const READ_BUF_BYTES: usize = 64 * 1024;
 const EVENTS_MAX: usize = 1024;
@@ -150,86 +151,6 @@ pub fn connect(target: &super::Target) -> io::Result<OwnedFd> {
     Ok(sock.into())
 }
 
-struct Epoll(OwnedFd);
-
-impl Epoll {
-    fn new() -> io::Result<Epoll> {
-        // SAFETY: no memory arguments; the descriptor is checked, then owned.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor nothing else owns.
-        Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event {
-            events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
-            u64: token,
-        };
-        // SAFETY: `ev` lives across the call; the kernel copies it.
-        if unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Waits for events at most `timeout`, to the microsecond with
-    /// `epoll_pwait2` (Linux 5.11; `--rate` schedules need better than
-    /// milliseconds), else with `epoll_wait` rounded up to a millisecond.
-    fn wait(
-        &self,
-        events: &mut [libc::epoll_event],
-        timeout: Duration,
-        precise: &mut bool,
-    ) -> io::Result<usize> {
-        let n = if *precise {
-            let ts = libc::timespec {
-                tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
-                tv_nsec: timeout.subsec_nanos() as libc::c_long,
-            };
-            // SAFETY: the kernel writes at most `events.len()` entries into
-            // the slice, mutably borrowed for the call, and only reads `ts`.
-            let n = unsafe {
-                libc::epoll_pwait2(
-                    self.0.as_raw_fd(),
-                    events.as_mut_ptr(),
-                    events.len() as i32,
-                    &ts,
-                    std::ptr::null(),
-                )
-            };
-            if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
-                *precise = false;
-                return Ok(0);
-            }
-            n
-        } else {
-            // Round up so a wait for a scheduled start does not spin.
-            let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-            // SAFETY: as above; the kernel writes at most `events.len()` entries.
-            unsafe {
-                libc::epoll_wait(
-                    self.0.as_raw_fd(),
-                    events.as_mut_ptr(),
-                    events.len() as i32,
-                    ms,
-                )
-            }
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(0)
-            } else {
-                Err(e)
-            };
-        }
-        Ok(n as usize)
-    }
-}
-
 /// Runs one thread's connections until the budget is spent and every
 /// connection has said QUIT (or failed). `first_id`: the number of the
 /// first connection, for error messages.
@@ -243,7 +164,12 @@ pub fn run_thread(
     let now = Instant::now();
     let mut conns: Vec<Conn> = Vec::with_capacity(fds.len());
     for (i, fd) in fds.into_iter().enumerate() {
-        ep.add(fd.as_raw_fd(), i as u64)?;
+        ep.ctl(
+            libc::EPOLL_CTL_ADD,
+            fd.as_raw_fd(),
+            (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            i as u64,
+        )?;
         conns.push(Conn {
             id: first_id + i,
             fd: Some(fd),
