@@ -375,42 +375,44 @@ pub fn svg(key: Key, points: &[(u64, LoadReport)], title: &str, subtitle: &str) 
     // a point.
     let lx = L + pw / 2.0 - 250.0;
     let ly = 65.0;
-    let _ = writeln!(
-        s,
-        r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{TPUT}" stroke-width="2.5"/>"#,
-        lx + 30.0
+    legend_item(
+        &mut s,
+        lx,
+        ly,
+        TPUT,
+        "",
+        &format!("throughput ({}, left axis)", key.throughput_label()),
     );
-    let _ = writeln!(
-        s,
-        r#"<circle cx="{:.1}" cy="{ly:.1}" r="4" fill="{TPUT}"/>"#,
-        lx + 15.0
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.1}" y="{:.1}">throughput ({}, left axis)</text>"#,
-        lx + 38.0,
-        ly + 4.0,
-        key.throughput_label()
-    );
-    let lx2 = lx + 270.0;
-    let _ = writeln!(
-        s,
-        r#"<line x1="{lx2:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{LAT}" stroke-width="2.5" stroke-dasharray="7,4"/>"#,
-        lx2 + 30.0
-    );
-    let _ = writeln!(
-        s,
-        r#"<circle cx="{:.1}" cy="{ly:.1}" r="4" fill="{LAT}"/>"#,
-        lx2 + 15.0
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.1}" y="{:.1}">p99 latency ({lat_unit}, right axis)</text>"#,
-        lx2 + 38.0,
-        ly + 4.0
+    legend_item(
+        &mut s,
+        lx + 270.0,
+        ly,
+        LAT,
+        r#" stroke-dasharray="7,4""#,
+        &format!("p99 latency ({lat_unit}, right axis)"),
     );
     s.push_str("</svg>\n");
     s
+}
+
+/// One legend entry: a line sample with a point on it, then its label.
+fn legend_item(s: &mut String, x: f64, y: f64, color: &str, dash: &str, label: &str) {
+    let _ = writeln!(
+        s,
+        r#"<line x1="{x:.1}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="{color}" stroke-width="2.5"{dash}/>"#,
+        x + 30.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<circle cx="{:.1}" cy="{y:.1}" r="4" fill="{color}"/>"#,
+        x + 15.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{:.1}" y="{:.1}">{label}</text>"#,
+        x + 38.0,
+        y + 4.0
+    );
 }
 
 #[cfg(test)]

@@ -200,14 +200,7 @@ impl StorageFile for FaultyFile {
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.storage.check(FaultOp::Write)?;
         self.inner.write_all_at(buf, offset)?;
-        let mut model = self
-            .storage
-            .state
-            .model
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let m = model.entry(self.path.clone()).or_default();
-        m.pending.push((offset, offset + buf.len() as u64));
+        self.with_model(|m| m.pending.push((offset, offset + buf.len() as u64)));
         Ok(())
     }
     fn sync_data(&mut self) -> io::Result<()> {
@@ -231,27 +224,27 @@ impl FaultyFile {
     fn failed_sync_loses_pending(&mut self, op: FaultOp) -> io::Result<()> {
         let r = self.storage.check(op);
         if r.is_err() {
-            let mut model = self
-                .storage
-                .state
-                .model
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            model.entry(self.path.clone()).or_default().pending.clear();
+            self.with_model(|m| m.pending.clear());
         }
         r
     }
 
     fn mark_durable(&mut self) {
+        self.with_model(|m| {
+            let pending = std::mem::take(&mut m.pending);
+            m.durable.extend(pending);
+        });
+    }
+
+    /// This file's entry in the durability model, under the model's lock.
+    fn with_model<R>(&self, f: impl FnOnce(&mut FileModel) -> R) -> R {
         let mut model = self
             .storage
             .state
             .model
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let m = model.entry(self.path.clone()).or_default();
-        let pending = std::mem::take(&mut m.pending);
-        m.durable.extend(pending);
+        f(model.entry(self.path.clone()).or_default())
     }
 }
 
