@@ -99,12 +99,29 @@ fn json_format_has_separate_fields() {
 /// Runs the server with `RUST_LOG` unset and `[log] level = LEVEL`, over a
 /// UNIX socket only (the banner may be filtered out); delivers one message;
 /// returns everything it logged.
-fn log_with_level(name: &str, level: &str) -> String {
-    let dir = test_dir(name);
-    let _dir = RemoveOnDrop(dir.clone());
+/// Kills the server if the test fails before [`stop_and_collect`]: a server
+/// whose stderr is full would otherwise outlive the test.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts the server on a UNIX socket only, with `config`, its stderr a pipe
+/// that nobody reads until the test collects it at the end; returns the
+/// child and a client connected and greeted.
+fn start_unread(
+    dir: &std::path::Path,
+    config: &str,
+) -> (KillOnDrop, Client<std::os::unix::net::UnixStream>) {
     let socket = dir.join("lmtp.sock");
     let c = dir.join("config.toml");
-    std::fs::write(&c, format!("[log]\nlevel = \"{level}\"\n")).unwrap();
+    std::fs::write(&c, config).unwrap();
     let child = std::process::Command::new(server_util::BIN)
         .arg("serve")
         .arg("--config")
@@ -113,10 +130,12 @@ fn log_with_level(name: &str, level: &str) -> String {
         .arg(format!("unix:{}", socket.display()))
         .arg("--spool")
         .arg(dir.join("spool"))
+        .args(["--segment-bytes", "4194304"])
         .env_remove("RUST_LOG")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let child = KillOnDrop(Some(child));
     let mut waited = 0;
     let stream = loop {
         if let Ok(s) = std::os::unix::net::UnixStream::connect(&socket) {
@@ -129,16 +148,55 @@ fn log_with_level(name: &str, level: &str) -> String {
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let mut c = Client::greet(stream).unwrap();
-    c.cmd("LHLO log.test", "250").unwrap();
-    c.deliver("s@example.net", &["a@example.org".to_string()], b"x\r\n")
-        .unwrap();
-    c.cmd("QUIT", "221").unwrap();
+    let mut client = Client::greet(stream).unwrap();
+    client.cmd("LHLO log.test", "250").unwrap();
+    (child, client)
+}
+
+/// SIGTERM, then everything the server wrote to stderr.
+fn stop_and_collect(mut child: KillOnDrop) -> String {
+    let child = child.0.take().unwrap();
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn log_with_level(name: &str, level: &str) -> String {
+    let dir = test_dir(name);
+    let _dir = RemoveOnDrop(dir.clone());
+    let (child, mut c) = start_unread(&dir, &format!("[log]\nlevel = \"{level}\"\n"));
+    c.deliver("s@example.net", &["a@example.org".to_string()], b"x\r\n")
+        .unwrap();
+    c.cmd("QUIT", "221").unwrap();
+    stop_and_collect(child)
+}
+
+/// A stderr that nobody drains (a stuck journald, a full pipe) must not
+/// stall deliveries: 3,000 delivery lines are far more than a 64 KiB pipe
+/// holds, and with the log written on the shard's thread the 250s stop
+/// after a few hundred. They are queued instead, and none is lost when the
+/// server stops.
+#[test]
+fn an_unread_stderr_does_not_stall_deliveries() {
+    let dir = test_dir("ops-log-unread-stderr");
+    let _dir = RemoveOnDrop(dir.clone());
+    let (child, mut c) = start_unread(&dir, "[log]\nlevel = \"info\"\n");
+    let rcpts = ["a@example.org".to_string(), "b@example.org".to_string()];
+    for n in 0..1500 {
+        c.deliver("s@example.net", &rcpts, &body_for(n, 200))
+            .unwrap_or_else(|e| panic!("message {n}: {e} (is the shard blocked on stderr?)"));
+    }
+    c.cmd("QUIT", "221").unwrap();
+    let log = stop_and_collect(child);
+    let sent = log.lines().filter(|l| l.contains("status=sent")).count();
+    assert_eq!(sent, 3000, "every delivery line reaches stderr at the stop");
+    assert!(
+        !log.contains("dropped"),
+        "nothing dropped: {}",
+        &log[..400.min(log.len())]
+    );
 }
 
 #[test]

@@ -8,6 +8,7 @@
 
 mod doctor;
 mod load;
+mod logging;
 mod serve;
 mod spool;
 

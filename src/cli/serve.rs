@@ -146,7 +146,7 @@ pub fn run(args: ServeArgs) -> Result<Outcome, String> {
         print!("{}", config.to_toml());
         return Ok(Outcome::Ok);
     }
-    init_logging(&config);
+    let _log = super::logging::init(&config);
     let (soft, hard) = lmtp_ingest::server::raise_nofile_limit();
     if soft < config.server.connections_max as u64 + 1024 {
         tracing::warn!(
@@ -158,24 +158,6 @@ pub fn run(args: ServeArgs) -> Result<Outcome, String> {
     }
     lmtp_ingest::server::run(config)?;
     Ok(Outcome::Ok)
-}
-
-/// Logs to stderr; the filter comes from `RUST_LOG`, else `log.level`
-/// (default `info`); `log.format = "json"` writes JSON objects. A bad value
-/// is reported by `Config::check` (run by the server right after).
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if config.log.format == "json" {
-        fmt.json().try_init()
-    } else {
-        fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .try_init()
-    };
 }
 
 #[cfg(test)]
