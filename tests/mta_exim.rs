@@ -114,6 +114,10 @@ fn lmtp_transport_unix_socket_batch_max_200() {
         let rcpts = users("u.example", 250);
         let transcript = exim.submit(SENDER, &rcpts, &message("unix batch", 2000));
         assert_eq!(exim.queue_count(), 0, "{transcript}\n{}", exim.logs());
+        // The lmtp transport speaks lock-step and uses DATA even though we
+        // offer CHUNKING (its -v transcript: "LMTP>> ...").
+        assert_eq!(transcript.matches("LMTP>> DATA").count(), 2, "{transcript}");
+        assert!(!transcript.contains("BDAT"), "{transcript}");
         let all = stored(&server.spool);
         let mut sizes: Vec<usize> = all.iter().map(|s| s.rcpts.len()).collect();
         sizes.sort();
@@ -139,6 +143,7 @@ fn lmtp_transport_unix_socket_batch_max_200() {
             .filter(|l| (l.contains(" => ") || l.contains(" -> ")) && l.contains("T=ingest_lmtp "))
             .count();
         assert_eq!(delivered, 250, "{}", exim.logs());
+        exim.assert_paniclog_quiet();
     }
 }
 
@@ -195,6 +200,7 @@ fn smtp_transport_lmtp_over_tcp_uses_bdat() {
         for s in &all {
             assert_body_intact(s, "tcp bdat", 3000);
         }
+        exim.assert_paniclog_quiet();
     }
 }
 
@@ -285,6 +291,7 @@ fn callout_rejects_unknown_accepts_known() {
                 "{log}"
             );
         }
+        exim.assert_paniclog_quiet();
     }
 }
 
@@ -392,6 +399,7 @@ fn size_cap_defers_then_restart_with_larger_cap_delivers_once() {
         // Same socket path; a new TCP port.
         exim.retarget(&target(&bigger));
         redeliver_exactly_once(&bigger, &exim, &want);
+        exim.assert_paniclog_quiet();
     }
 }
 
@@ -432,5 +440,56 @@ fn size_cap_defers_then_consumer_frees_space_delivers_once() {
         }
         std::thread::sleep(Duration::from_millis(100));
         redeliver_exactly_once(&server, &exim, &want);
+        exim.assert_paniclog_quiet();
+    }
+}
+
+/// Our `limits.recipients_max` (100 here) below Exim's batch_max /
+/// max_rcpt (200): we answer 452 4.5.3 from the 101st RCPT on. Exim 4.96
+/// does not read our `LIMITS RCPTMAX=100`. Its smtp transport (TCP) sends
+/// the refused recipients at once in a new transaction; its lmtp transport
+/// defers them to the next queue run. Either way each arrives once.
+#[test]
+fn recipients_max_below_exims_batch() {
+    for io in backends() {
+        let (server, exim) = start("rcpt-limit", io, &["--recipients-max", "100"]);
+        let tcp = exim.submit(SENDER, &users("t.example", 250), &message("limit tcp", 100));
+        assert!(tcp.contains("250 LIMITS RCPTMAX=100"), "{tcp}");
+        assert!(tcp.contains("452 4.5.3 Too many recipients"), "{tcp}");
+        let unix = exim.submit(
+            SENDER,
+            &users("u.example", 250),
+            &message("limit unix", 100),
+        );
+        let sizes = |subject: &str| {
+            let mut v: Vec<usize> = stored(&server.spool)
+                .iter()
+                .filter(|s| s.subject().as_deref() == Some(subject))
+                .map(|s| s.rcpts.len())
+                .collect();
+            v.sort();
+            v
+        };
+        // TCP: 200 RCPTs on one connection (100 taken, 100 refused, then
+        // sent again in a second MAIL transaction) and 50 on another.
+        assert_eq!(sizes("limit tcp"), vec![50, 100, 100], "{tcp}");
+        // UNIX socket: 100 of the first batch of 200 wait in Exim's queue.
+        assert_eq!(sizes("limit unix"), vec![50, 100], "{unix}");
+        assert_eq!(exim.queue_count(), 1, "{}", exim.logs());
+        let deferred = exim
+            .mainlog()
+            .lines()
+            .filter(|l| {
+                l.contains(" == ") && l.contains("T=ingest_lmtp ") && l.contains("452 4.5.3")
+            })
+            .count();
+        assert_eq!(deferred, 100, "{}", exim.logs());
+        exim.queue_run();
+        assert_eq!(exim.queue_count(), 0, "{}", exim.logs());
+        assert_eq!(sizes("limit unix"), vec![50, 100, 100]);
+        let c = copies(&stored(&server.spool));
+        assert_eq!(c.len(), 500);
+        assert!(c.values().all(|&n| n == 1), "each recipient once");
+        exim.assert_paniclog_quiet();
     }
 }

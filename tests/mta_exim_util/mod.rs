@@ -53,6 +53,19 @@ pub fn exim_binary() -> PathBuf {
         user_ids("Debian-exim").is_some(),
         "no Debian-exim user (Debian's Exim is built to run as it): {fix}"
     );
+    // It loads (libidn12 is there) and is the version these tests know.
+    let out = Command::new(&bin)
+        .args(["-C", "/dev/null", "-bV"])
+        .output()
+        .expect("run exim -bV");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.starts_with("Exim version 4."),
+        "{} -bV failed: {}{}\n{fix}",
+        bin.display(),
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
     bin
 }
 
@@ -352,6 +365,20 @@ impl Exim {
 
     pub fn paniclog(&self) -> String {
         std::fs::read_to_string(self.dir.join("log/paniclog")).unwrap_or_default()
+    }
+
+    /// Fails on anything in the paniclog but the one line every run of
+    /// these tests writes: Exim re-executes itself (to deliver from the
+    /// daemon, for -Mc) with `-C` on a file not in Debian's
+    /// TRUSTED_CONFIG_LIST (/etc/exim4/trusted_configs), so the new process
+    /// keeps only the Debian-exim user, which is all our transports need.
+    pub fn assert_paniclog_quiet(&self) {
+        let panics = self.paniclog();
+        let unexpected: Vec<&str> = panics
+            .lines()
+            .filter(|l| !l.ends_with("exim user lost privilege for using -C option"))
+            .collect();
+        assert!(unexpected.is_empty(), "Exim panicked:\n{}", self.logs());
     }
 
     /// Both logs, for failure messages.
