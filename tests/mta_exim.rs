@@ -493,3 +493,21 @@ fn recipients_max_below_exims_batch() {
         exim.assert_paniclog_quiet();
     }
 }
+
+/// docs/integration-exim.md shows the configuration these tests run, word
+/// for word (with a production socket path and port).
+#[test]
+fn doc_shows_the_tested_configuration() {
+    let doc = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/integration-exim.md"),
+    )
+    .unwrap();
+    let shown = mta_exim_util::INGEST_CONFIG
+        .replace("@SOCKET@", "/run/lmtp-ingest/lmtp.sock")
+        .replace("@PORT@", "2424");
+    assert!(
+        doc.contains(&format!("```\n{}\n```", shown.trim_matches('\n'))),
+        "docs/integration-exim.md must show INGEST_CONFIG from tests/mta_exim_util/mod.rs \
+         as it is now; copy it over:\n{shown}"
+    );
+}

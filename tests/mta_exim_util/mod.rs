@@ -159,7 +159,8 @@ ingest_lmtp:
   driver = lmtp
   socket = @SOCKET@
   batch_max = 200
-  # Local transports run as a user; this one's group may use the socket.
+  # A local transport runs as a user: Debian-exim, in the socket's group
+  # (lmtp-ingest's server.unix_socket_group).
   user = Debian-exim
 
 ingest_lmtp_tcp:
@@ -172,7 +173,11 @@ ingest_lmtp_tcp:
 
 begin retry
 
-*   *   F,1h,10m
+# Debian's default rule: every 15 minutes for 2 hours, then at growing
+# intervals, then every 6 hours until 4 days have passed. A 452 from a full
+# spool keeps the mail queued that long (the tests force queue runs with
+# -qff instead of waiting).
+*   *   F,2h,15m; G,16h,1h,1.5; F,4d,6h
 "#;
 
 /// One private Exim: configuration, spool, logs; maybe a daemon.
