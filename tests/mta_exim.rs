@@ -4,8 +4,9 @@
 //! - the `lmtp` transport over our UNIX socket with `batch_max = 200`;
 //! - the `smtp` transport with `protocol = lmtp` over TCP with
 //!   `max_rcpt = 200`, which must use BDAT (we offer CHUNKING);
+//! - our recipients_max below Exim's batch (452 4.5.3 at RCPT);
 //! - recipient callout verification in Exim's RCPT ACL answered by our
-//!   recipient table;
+//!   recipient table, and Exim's callout cache across a table reload;
 //! - our spool at its size cap: Exim gets 452, keeps the mail, and a forced
 //!   queue run after space returns delivers every message exactly once.
 //!
@@ -293,6 +294,54 @@ fn callout_rejects_unknown_accepts_known() {
         }
         exim.assert_paniclog_quiet();
     }
+}
+
+/// Exim caches callout answers: after a user is added to our table and the
+/// table reloaded (SIGHUP), Exim still refuses that user from its negative
+/// cache while our server already accepts it. (docs/integration-exim.md
+/// says so and suggests `callout_negative_expire` or `no_cache`.)
+#[test]
+fn callout_cache_outlives_a_table_reload() {
+    let io = backends()[0];
+    let (mut server, mut exim) = start("callout-cache", io, &[]);
+    exim.start_daemon();
+    let rcpt_via_exim = |want: &str| {
+        let mut c = Client::tcp(&format!("127.0.0.1:{}", exim.smtp_port)).unwrap();
+        c.cmd("EHLO client.test", "250 ").unwrap();
+        c.cmd(&format!("MAIL FROM:<{SENDER}>"), "250 ").unwrap();
+        let r = c
+            .cmd("RCPT TO:<late@t.example>", want)
+            .unwrap_or_else(|e| panic!("{e}\n{}", exim.logs()));
+        c.cmd("QUIT", "221 ").unwrap();
+        r
+    };
+    rcpt_via_exim("550 ");
+    // Add the user and reload our table.
+    let table = server.dir.join("recipients");
+    let mut t = std::fs::read_to_string(&table).unwrap();
+    t.push_str("late@t.example\n");
+    std::fs::write(&table, t).unwrap();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGHUP) };
+    assert!(
+        server
+            .wait_log("recipient table reloaded", Duration::from_secs(10))
+            .is_some(),
+        "{:#?}",
+        server.log_lines
+    );
+    // Our server now accepts the user...
+    let mut direct = Client::tcp(&server.addr()).unwrap();
+    direct.cmd("LHLO test", "250 ").unwrap();
+    direct.cmd("MAIL FROM:<>", "250 ").unwrap();
+    direct.cmd("RCPT TO:<late@t.example>", "250 ").unwrap();
+    // ...while Exim answers from its cache.
+    let cached = rcpt_via_exim("550 ");
+    assert!(
+        cached.contains("Previous (cached) callout verification failure"),
+        "{cached}"
+    );
+    exim.assert_paniclog_quiet();
 }
 
 /// Fills our spool to its size cap with 64 KiB messages from a plain LMTP
