@@ -72,16 +72,17 @@ pub fn exim_binary() -> PathBuf {
 /// (uid, gid) of a user, if it exists.
 pub fn user_ids(name: &str) -> Option<(u32, u32)> {
     let c = CString::new(name).ok()?;
-    // SAFETY: getpwnam with a valid C string; the result is read at once,
-    // before any other call that could reuse its static buffer (tests that
-    // call this run it on their own thread, but no other code here calls
-    // getpw*).
-    let pw = unsafe { libc::getpwnam(c.as_ptr()) };
-    if pw.is_null() {
-        return None;
-    }
-    // SAFETY: non-null result of getpwnam, read right away.
-    Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
+    // getpwnam_r, not getpwnam: the tests run on several threads at once.
+    // SAFETY: passwd is plain data (integers and pointers); all zeros is a
+    // valid value, overwritten by the call.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 4096];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is to a live local (the name, the record, its
+    // string buffer of the given length, the result slot) for the call.
+    let rc =
+        unsafe { libc::getpwnam_r(c.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut found) };
+    (rc == 0 && !found.is_null()).then_some((pw.pw_uid, pw.pw_gid))
 }
 
 /// A port on 127.0.0.1 that was free a moment ago (bound, then released).
