@@ -298,6 +298,7 @@ impl ShardCore {
         let Some(session) = conn.session.as_mut() else {
             return;
         };
+        session.set_storage_full(self.producer.is_storage_full());
         if conn.held.is_empty() {
             let n = session.handle_input(now, bytes);
             if n < bytes.len() {
@@ -426,6 +427,7 @@ impl ShardCore {
             // Feed the input that waited; it may complete another message.
             if !conn.held.is_empty() {
                 let held = std::mem::take(&mut conn.held);
+                session.set_storage_full(self.producer.is_storage_full());
                 let n = session.handle_input(now, &held);
                 count_session(&self.metrics, &mut conn.counted, session);
                 conn.held = held;

@@ -28,6 +28,9 @@ pub const DATA_AFTER_BDAT: &[u8] =
 pub const BINARY_NEEDS_BDAT: &[u8] =
     b"503 5.5.1 Error: BODY=BINARYMIME requires BDAT, not DATA\r\n";
 pub const TOO_MANY_RCPTS: &[u8] = b"452 4.5.3 Too many recipients\r\n";
+/// MAIL while the spool is full (or at its size cap): come back later,
+/// before sending the data.
+pub const STORAGE_FULL: &[u8] = b"452 4.3.1 Insufficient system storage\r\n";
 pub const SIZE_TOO_BIG: &[u8] = b"552 5.3.4 Message size exceeds fixed maximum message size\r\n";
 pub const LINE_TOO_LONG: &[u8] = b"500 5.5.2 Line too long\r\n";
 pub const UNKNOWN_COMMAND: &[u8] = b"500 5.5.2 Error: command not recognized\r\n";

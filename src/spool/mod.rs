@@ -590,6 +590,11 @@ pub struct Producer {
 
 #[allow(clippy::result_large_err)]
 impl Producer {
+    /// [`Spool::is_storage_full`], for the shard that owns this producer.
+    pub fn is_storage_full(&self) -> bool {
+        self.shared.full.iter().any(|f| f.load(Ordering::Relaxed))
+    }
+
     /// Hands `message` to a writer without blocking: its home writer, or any
     /// other with room. Its outcome comes later with `ticket`.
     pub fn try_submit(

@@ -160,6 +160,8 @@ pub struct Session {
     bad_commands: u32,
     deadline: Option<Instant>,
     shutting_down: bool,
+    /// The spool has no room: MAIL answers `452 4.3.1` (set by the caller).
+    storage_full: bool,
     stats: SessionStats,
 }
 
@@ -205,6 +207,7 @@ impl Session {
             bad_commands: 0,
             deadline,
             shutting_down: false,
+            storage_full: false,
             stats: SessionStats::default(),
         }
     }
@@ -330,6 +333,14 @@ impl Session {
     /// The server is stopping: an idle session gets `421 4.3.2` now; one in
     /// the middle of a transaction finishes it (the message is committed and
     /// answered) and gets the 421 then. The caller bounds how long it waits.
+    /// Tells the session whether the spool has room. While it has none, MAIL
+    /// answers `452 4.3.1` so the client keeps the message queued without
+    /// sending its data first; a transaction already open goes on (its
+    /// commit answers for itself). The caller sets this before feeding input.
+    pub fn set_storage_full(&mut self, full: bool) {
+        self.storage_full = full;
+    }
+
     pub fn begin_shutdown(&mut self) {
         self.shutting_down = true;
         self.shutdown_if_idle();
@@ -492,6 +503,10 @@ impl Session {
             .is_some_and(|s| s > self.cfg.limits.message_bytes_max as u64)
         {
             self.out.extend_from_slice(reply::SIZE_TOO_BIG);
+            return;
+        }
+        if self.storage_full {
+            self.out.extend_from_slice(reply::STORAGE_FULL);
             return;
         }
         self.txn = Some(Txn {

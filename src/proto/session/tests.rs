@@ -750,3 +750,29 @@ fn address_forms_reach_the_envelope() {
     assert_eq!(e.recipients[1].mailbox.domain, "[IPv6:2001:db8::1]");
     assert!(h.messages[0].body.is_empty());
 }
+
+#[test]
+fn a_full_spool_refuses_mail_before_the_data() {
+    let mut h = Harness::new(cfg());
+    h.feed(b"LHLO c\r\n");
+    // Open before the spool filled: this transaction goes on.
+    h.feed(b"MAIL FROM:<s@x>\r\nRCPT TO:<a@x>\r\n");
+    h.s.set_storage_full(true);
+    h.feed(b"DATA\r\nx\r\n.\r\n");
+    assert!(h.text().ends_with("354 Start mail input; end with <CRLF>.<CRLF>\r\n250 2.0.0 <a@x> 00000000000000000000000001 Saved\r\n"), "{}", h.text());
+    assert_eq!(h.messages.len(), 1);
+    // A new one is refused at MAIL; a pipelined BDAT's chunk is read and
+    // dropped, never taken for commands.
+    let before = h.out.len();
+    h.feed(b"MAIL FROM:<s@x>\r\nRCPT TO:<a@x>\r\nBDAT 10 LAST\r\nQUIT\r\nxx\r\nNOOP\r\n");
+    assert_eq!(
+        &h.text()[before..],
+        "452 4.3.1 Insufficient system storage\r\n503 5.5.1 Error: need MAIL command\r\n\
+         503 5.5.1 Error: need MAIL command\r\n250 2.0.0 OK\r\n"
+    );
+    assert_eq!(h.messages.len(), 1, "nothing new was stored");
+    // Room again: MAIL is taken.
+    h.s.set_storage_full(false);
+    h.feed(b"MAIL FROM:<s@x>\r\n");
+    assert!(h.text().ends_with("250 2.1.0 OK\r\n"));
+}
