@@ -1,0 +1,459 @@
+//! Real Postfix (3.7, Debian's package) delivering through the real server:
+//! a private Postfix instance per test (its own main.cf, master.cf, queue,
+//! smtpd port on loopback and log file) with an `lmtp` transport named
+//! `ingest` pointing at our TCP listener or our UNIX socket, with
+//! `ingest_destination_recipient_limit = 200`. Mail goes in through
+//! Postfix's smtpd; a test waits for Postfix's queue to drain, then checks
+//! that every (Message-ID, recipient) pair is in our spool exactly once, byte
+//! for byte, and that each `status=sent` line Postfix logged carries the
+//! queue id of the spool record holding that recipient.
+//!
+//! Deferral: with the spool at its size cap Postfix gets `452 4.3.1` per
+//! recipient after the data and keeps the mail queued; once there is space
+//! (a restart with a larger cap, or a consumer reading the spool so that
+//! retention removes segments, with the server still running) Postfix
+//! redelivers and every message arrives exactly once.
+//!
+//! The settings these tests write are the ones docs/integration-postfix.md
+//! shows.
+
+mod mta_postfix_util;
+mod server_util;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use lmtp_ingest::spool::follow::{Follower, Start};
+use lmtp_ingest::spool::reader::{StoredRecord, read_all};
+use mta_postfix_util::{
+    DOMAIN, Delivery, INGEST_MASTER_CF, Mail, Next, Postfix, TestDir, ingest_main_cf, inject,
+    message_id_of,
+};
+use server_util::{Server, backends};
+
+/// Writes the server's configuration: its UNIX socket is group `postfix`
+/// (Postfix's lmtp client runs as `postfix`), and, when `table` is given, a
+/// recipient table. Returns the flags for `serve`.
+fn server_config(dir: &Path, table: Option<&[String]>) -> Vec<String> {
+    let mut toml =
+        String::from("[server]\nunix_socket_mode = \"0660\"\nunix_socket_group = \"postfix\"\n");
+    if let Some(addrs) = table {
+        let t = dir.join("recipients");
+        std::fs::write(&t, addrs.join("\n") + "\n").unwrap();
+        toml.push_str(&format!(
+            "\n[policy]\nrecipients = \"table\"\ntable = \"{}\"\n",
+            t.display()
+        ));
+    }
+    let c = dir.join("lmtp-ingest.toml");
+    std::fs::write(&c, toml).unwrap();
+    vec!["--config".into(), c.display().to_string()]
+}
+
+fn start_server(dir: &Path, io: &str, config: &[String], extra: &[&str]) -> Server {
+    let mut flags: Vec<&str> = config.iter().map(String::as_str).collect();
+    flags.extend_from_slice(extra);
+    Server::start_in(dir, io, &flags)
+}
+
+/// 190 messages with one recipient and 10 with 300 (which the limit of 200
+/// splits into two deliveries): 3,190 recipients.
+fn mixed_mails(tag: &str) -> Vec<Mail> {
+    (0..200)
+        .map(|n| {
+            if n % 20 == 7 {
+                Mail::numbered(tag, n, 300, 1500)
+            } else {
+                Mail::numbered(tag, n, 1, 500 + (n * 37) % 4000)
+            }
+        })
+        .collect()
+}
+
+/// The part after the header (Postfix adds `Received:` and may add others).
+fn body_part(b: &[u8]) -> &[u8] {
+    let at = b
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a header/body separator");
+    &b[at + 4..]
+}
+
+/// The spool's records by our queue id.
+fn spool_records(spool: &Path) -> Vec<StoredRecord> {
+    let (records, _) = read_all(spool).expect("read the spool");
+    records
+}
+
+/// Checks that every recipient of `mails` is in `records` exactly once, in a
+/// record whose Message-ID and body are that message's, that no record holds
+/// more than 200 recipients, and that Postfix logged exactly one
+/// `status=sent` per recipient with the queue id of the record that holds it
+/// (and nothing else). Records of other messages (bounces) are returned.
+fn check_delivered_exactly_once<'a>(
+    pf: &Postfix,
+    records: &'a [StoredRecord],
+    mails: &[Mail],
+) -> Vec<&'a StoredRecord> {
+    let by_addr: HashMap<&str, &Mail> = mails
+        .iter()
+        .flat_map(|m| m.rcpts.iter().map(move |r| (r.as_str(), m)))
+        .collect();
+    let by_msgid: HashMap<&str, &Mail> = mails.iter().map(|m| (m.message_id.as_str(), m)).collect();
+    let mut stored: HashMap<String, usize> = HashMap::new();
+    let mut by_queue_id: HashMap<String, &StoredRecord> = HashMap::new();
+    let mut others = Vec::new();
+    // Deliveries (records) of each message, by recipient count.
+    let mut parts: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for r in records {
+        by_queue_id.insert(r.header.queue_id.to_string(), r);
+        let id = message_id_of(&r.body).unwrap_or_default();
+        let Some(m) = by_msgid.get(id.as_str()) else {
+            others.push(r);
+            continue;
+        };
+        assert!(
+            r.envelope.recipients.len() <= 200,
+            "{id}: one delivery carried {} recipients, over the limit of 200",
+            r.envelope.recipients.len()
+        );
+        assert!(
+            body_part(&r.body) == body_part(&m.body),
+            "{id} (record {}): the stored body differs from the injected one",
+            r.header.queue_id
+        );
+        parts
+            .entry(m.message_id.as_str())
+            .or_default()
+            .push(r.envelope.recipients.len());
+        for rc in &r.envelope.recipients {
+            let addr = rc.mailbox.address();
+            let owner = by_addr
+                .get(addr.as_str())
+                .unwrap_or_else(|| panic!("{id}: stored for {addr}, which was never a recipient"));
+            assert_eq!(owner.message_id, id, "{addr} stored with the wrong message");
+            *stored.entry(addr).or_default() += 1;
+        }
+    }
+    for (addr, m) in &by_addr {
+        let n = stored.get(*addr).copied().unwrap_or(0);
+        assert_eq!(n, 1, "{addr} of {} is in the spool {n} times", m.message_id);
+    }
+    for m in mails {
+        let mut got = parts
+            .get(m.message_id.as_str())
+            .cloned()
+            .unwrap_or_default();
+        got.sort_unstable();
+        // 300 recipients: one delivery of 200 and one of 100, nothing else.
+        let want = match m.rcpts.len() {
+            300 => vec![100, 200],
+            n => vec![n],
+        };
+        assert_eq!(got, want, "{}: recipients per delivery", m.message_id);
+    }
+    // Postfix's side: one status=sent per recipient, naming our record.
+    let mut sent: HashMap<String, usize> = HashMap::new();
+    for d in pf.deliveries("sent") {
+        let Some(m) = by_addr.get(d.to.as_str()) else {
+            continue; // a bounce (its recipient is the sender), checked by the caller
+        };
+        let qid = d
+            .our_queue_id()
+            .unwrap_or_else(|| panic!("no queue id of ours in Postfix's log: {d:?}"));
+        let r = by_queue_id
+            .get(qid)
+            .unwrap_or_else(|| panic!("Postfix logged {qid}, which is not in our spool: {d:?}"));
+        assert_eq!(
+            message_id_of(&r.body).as_deref(),
+            Some(m.message_id.as_str()),
+            "{d:?}"
+        );
+        assert!(
+            r.envelope
+                .recipients
+                .iter()
+                .any(|x| x.mailbox.address() == d.to),
+            "record {qid} does not hold {}: {d:?}",
+            d.to
+        );
+        *sent.entry(d.to.clone()).or_default() += 1;
+    }
+    for addr in by_addr.keys() {
+        assert_eq!(
+            sent.get(*addr).copied().unwrap_or(0),
+            1,
+            "Postfix's status=sent lines for {addr}"
+        );
+    }
+    others
+}
+
+fn recipients_of(mails: &[Mail]) -> usize {
+    mails.iter().map(|m| m.rcpts.len()).sum()
+}
+
+/// Postfix delivers 200 messages (3,190 recipients) to `next`; a recipient
+/// our table does not list bounces, and the bounce comes back through the
+/// same path to the sender.
+fn deliver_mixed(tag: &str, io: &str, unix: bool) {
+    let dir = TestDir::new(&format!("{tag}-{io}"));
+    let mut mails = mixed_mails(tag);
+    // One message to a known and an unknown recipient.
+    let mut odd = Mail::numbered(tag, 999, 1, 800);
+    odd.rcpts.push(format!("nobody@{DOMAIN}"));
+    let mut table: Vec<String> = mails.iter().flat_map(|m| m.rcpts.clone()).collect();
+    table.push(odd.rcpts[0].clone());
+    table.push(format!("sender@{DOMAIN}"));
+    let srv_dir = dir.0.join("lmtp");
+    std::fs::create_dir_all(&srv_dir).unwrap();
+    let config = server_config(&srv_dir, Some(&table));
+    let mut server = start_server(&srv_dir, io, &config, &[]);
+    let next = if unix {
+        Next::Unix(server.socket.clone())
+    } else {
+        Next::Tcp(server.addr())
+    };
+    let mut pf = Postfix::start(
+        &dir.0.join("postfix"),
+        &ingest_main_cf(&next),
+        INGEST_MASTER_CF,
+    );
+    let t0 = Instant::now();
+    inject(pf.smtpd_port, &mails, 4);
+    inject(pf.smtpd_port, std::slice::from_ref(&odd), 1);
+    // Every recipient, the known one of `odd`, and the bounce to the sender.
+    let want_sent = recipients_of(&mails) + 2;
+    pf.wait_for("every recipient to be sent", Duration::from_secs(40), |p| {
+        p.deliveries("sent").len() >= want_sent
+    });
+    pf.wait_drained(Duration::from_secs(10));
+    eprintln!(
+        "{tag} {io}: {want_sent} recipients delivered in {:?}",
+        t0.elapsed()
+    );
+
+    let records = spool_records(&server.spool);
+    // The unknown recipient is checked below, not as a stored one.
+    let mut odd_known = odd.clone();
+    odd_known.rcpts.truncate(1);
+    mails.push(odd_known);
+    let others = check_delivered_exactly_once(&pf, &records, &mails);
+    // The unknown recipient: refused at RCPT, bounced by Postfix, not stored.
+    let bounced = pf.deliveries("bounced");
+    assert_eq!(bounced.len(), 1, "{bounced:?}");
+    assert_eq!(bounced[0].to, format!("nobody@{DOMAIN}"));
+    assert!(
+        bounced[0]
+            .reply
+            .contains("550 5.1.1 <nobody@example.com> User unknown (in reply to RCPT TO command)"),
+        "{bounced:?}"
+    );
+    // The bounce: from the null sender to the sender, through our server.
+    assert_eq!(
+        others.len(),
+        1,
+        "records of no injected message: {}",
+        others.len()
+    );
+    let b = others[0];
+    assert_eq!(b.envelope.reverse_path.to_string(), "<>");
+    assert_eq!(
+        b.envelope
+            .recipients
+            .iter()
+            .map(|r| r.mailbox.address())
+            .collect::<Vec<_>>(),
+        vec![format!("sender@{DOMAIN}")]
+    );
+    let text = String::from_utf8_lossy(&b.body);
+    assert!(
+        text.contains("nobody@example.com") && text.contains(&odd.message_id),
+        "the bounce names the recipient and the message:\n{text}"
+    );
+    // Where Postfix connected.
+    let relay = &pf.deliveries("sent")[0].relay;
+    let want_relay = match &next {
+        Next::Tcp(addr) => format!("127.0.0.1[127.0.0.1]:{}", addr.rsplit_once(':').unwrap().1),
+        // Postfix names a UNIX socket's peer after its own myhostname.
+        Next::Unix(path) => format!("mta.test[{}]", path.display()),
+    };
+    assert_eq!(relay, &want_relay);
+
+    pf.stop();
+    assert!(server.stop().success());
+}
+
+#[test]
+fn postfix_delivers_every_recipient_over_tcp() {
+    for io in backends() {
+        deliver_mixed("tcp", io, false);
+    }
+}
+
+#[test]
+fn postfix_delivers_every_recipient_over_the_unix_socket() {
+    for io in backends() {
+        deliver_mixed("unix", io, true);
+    }
+}
+
+/// Postfix's lines for `mails`: (sent, deferred with our 452 4.3.1) recipients.
+fn outcomes(pf: &Postfix) -> (Vec<Delivery>, Vec<Delivery>) {
+    (pf.deliveries("sent"), pf.deliveries("deferred"))
+}
+
+/// Fills a capped spool through Postfix until Postfix has tried every
+/// recipient; returns once some were deferred. Checks what Postfix logged
+/// and kept queued against what the spool holds.
+fn fill_to_the_cap(pf: &Postfix, spool: &Path, mails: &[Mail]) {
+    inject(pf.smtpd_port, mails, 2);
+    let all = recipients_of(mails);
+    // Every recipient tried once: sent, or deferred with our reply.
+    pf.wait_for(
+        "every recipient to be tried",
+        Duration::from_secs(30),
+        |p| {
+            let (sent, deferred) = outcomes(p);
+            let mut tried: Vec<&str> = sent
+                .iter()
+                .chain(&deferred)
+                .map(|d| d.to.as_str())
+                .collect();
+            tried.sort_unstable();
+            tried.dedup();
+            tried.len() >= all
+        },
+    );
+    let (sent, deferred) = outcomes(pf);
+    assert!(
+        !sent.is_empty() && !deferred.is_empty(),
+        "the cap should let some mail in and defer the rest: {} sent, {} deferred",
+        sent.len(),
+        deferred.len()
+    );
+    for d in &deferred {
+        assert!(
+            d.reply.contains(&format!(
+                "said: 452 4.3.1 <{}> Insufficient system storage (in reply to end of DATA command)",
+                d.to
+            )),
+            "deferred for another reason than the full spool: {d:?}"
+        );
+    }
+    // What Postfix keeps queued is exactly what it did not get a 250 for.
+    let queued: usize = pf
+        .queue()
+        .iter()
+        .map(|m| m["recipients"].as_array().map_or(0, Vec::len))
+        .sum();
+    let stored: usize = spool_records(spool)
+        .iter()
+        .map(|r| r.envelope.recipients.len())
+        .sum();
+    assert_eq!(
+        stored,
+        sent.len(),
+        "stored recipients vs Postfix's status=sent"
+    );
+    assert_eq!(queued + stored, all, "queued + stored recipients");
+    eprintln!(
+        "at the cap: {stored} recipients stored, {queued} queued by Postfix after {} deferrals",
+        deferred.len()
+    );
+}
+
+/// 120 messages of about 40 KiB, 2 recipients each, against a spool capped
+/// at three segments of 1 MiB (the segment size server_util sets; room for
+/// about 70): Postfix defers the rest.
+fn capped_mails(tag: &str) -> Vec<Mail> {
+    (0..120)
+        .map(|n| Mail::numbered(tag, n, 2, 40_000))
+        .collect()
+}
+
+const CAPPED: [&str; 2] = ["--spool-bytes-max", "3145728"];
+
+#[test]
+fn at_the_size_cap_postfix_defers_and_redelivers_exactly_once_after_a_restart() {
+    for io in backends() {
+        let dir = TestDir::new(&format!("cap-restart-{io}"));
+        let mails = capped_mails("caprestart");
+        let srv_dir = dir.0.join("lmtp");
+        std::fs::create_dir_all(&srv_dir).unwrap();
+        let config = server_config(&srv_dir, None);
+        let mut server = start_server(&srv_dir, io, &config, &CAPPED);
+        // The UNIX socket's path survives the restart (a TCP port 0 would not).
+        let next = Next::Unix(server.socket.clone());
+        let pf = Postfix::start(
+            &dir.0.join("postfix"),
+            &ingest_main_cf(&next),
+            INGEST_MASTER_CF,
+        );
+        fill_to_the_cap(&pf, &server.spool, &mails);
+        // Space returns: the same spool, restarted with a larger cap.
+        assert!(server.stop().success());
+        drop(server);
+        let mut server = start_server(&srv_dir, io, &config, &["--spool-bytes-max", "16777216"]);
+        pf.flush();
+        pf.wait_drained(Duration::from_secs(30));
+        let records = spool_records(&server.spool);
+        let others = check_delivered_exactly_once(&pf, &records, &mails);
+        assert!(others.is_empty());
+        assert!(server.stop().success());
+    }
+}
+
+#[test]
+fn at_the_size_cap_postfix_redelivers_exactly_once_when_a_consumer_frees_space() {
+    for io in backends() {
+        let dir = TestDir::new(&format!("cap-consumer-{io}"));
+        let mails = capped_mails("capconsumer");
+        let srv_dir = dir.0.join("lmtp");
+        std::fs::create_dir_all(&srv_dir).unwrap();
+        let config = server_config(&srv_dir, None);
+        let mut server = start_server(&srv_dir, io, &config, &CAPPED);
+        let next = Next::Unix(server.socket.clone());
+        let pf = Postfix::start(
+            &dir.0.join("postfix"),
+            &ingest_main_cf(&next),
+            INGEST_MASTER_CF,
+        );
+        fill_to_the_cap(&pf, &server.spool, &mails);
+        // A consumer reads what is stored; retention then removes the
+        // segments it has passed, and the server (not restarted) takes mail
+        // again. It keeps reading while Postfix redelivers.
+        let mut archive = Follower::open(&server.spool, "archive", Start::Beginning).unwrap();
+        let mut read: Vec<StoredRecord> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            let batch = archive.poll(1000).unwrap();
+            read.extend(batch);
+            archive.save().unwrap();
+            if pf.queue().is_empty() {
+                // Whatever was committed last.
+                read.extend(archive.poll(100_000).unwrap());
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Postfix's queue did not drain: {:?}\nlog:\n{}",
+                pf.queue(),
+                pf.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Retention removed segments the consumer had read: the spool now
+        // holds fewer records than were delivered.
+        let left = spool_records(&server.spool).len();
+        assert!(
+            left < read.len(),
+            "retention removed nothing: {left} records left of {} read",
+            read.len()
+        );
+        let others = check_delivered_exactly_once(&pf, &read, &mails);
+        assert!(others.is_empty());
+        assert!(server.stop().success());
+    }
+}
