@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use lmtp_ingest::spool::follow::{Follower, Start};
 use lmtp_ingest::spool::reader::{StoredRecord, read_all};
 use mta_postfix_util::{
-    DOMAIN, Delivery, INGEST_MASTER_CF, Mail, Next, Postfix, TestDir, ingest_main_cf, inject,
-    message_id_of,
+    DOMAIN, Delivery, INGEST_MASTER_CF, Mail, Next, Postfix, Proxy, TestDir, Transcript,
+    ingest_main_cf, inject, message_id_of,
 };
 use server_util::{Server, backends};
 
@@ -88,14 +88,16 @@ fn spool_records(spool: &Path) -> Vec<StoredRecord> {
 
 /// Checks that every recipient of `mails` is in `records` exactly once, in a
 /// record whose Message-ID and body are that message's, that no record holds
-/// more than 200 recipients, and that Postfix logged exactly one
-/// `status=sent` per recipient with the queue id of the record that holds it
-/// (and nothing else). Records of other messages (bounces) are returned.
+/// more than `rcpts_per_delivery_max` recipients, and that Postfix logged
+/// exactly one `status=sent` per recipient with the queue id of the record
+/// that holds it. Returns the records of other messages (bounces) and, per
+/// injected message, the recipient counts of its deliveries, sorted.
 fn check_delivered_exactly_once<'a>(
     pf: &Postfix,
     records: &'a [StoredRecord],
     mails: &[Mail],
-) -> Vec<&'a StoredRecord> {
+    rcpts_per_delivery_max: usize,
+) -> (Vec<&'a StoredRecord>, BTreeMap<String, Vec<usize>>) {
     let by_addr: HashMap<&str, &Mail> = mails
         .iter()
         .flat_map(|m| m.rcpts.iter().map(move |r| (r.as_str(), m)))
@@ -105,7 +107,7 @@ fn check_delivered_exactly_once<'a>(
     let mut by_queue_id: HashMap<String, &StoredRecord> = HashMap::new();
     let mut others = Vec::new();
     // Deliveries (records) of each message, by recipient count.
-    let mut parts: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    let mut parts: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for r in records {
         by_queue_id.insert(r.header.queue_id.to_string(), r);
         let id = message_id_of(&r.body).unwrap_or_default();
@@ -114,8 +116,8 @@ fn check_delivered_exactly_once<'a>(
             continue;
         };
         assert!(
-            r.envelope.recipients.len() <= 200,
-            "{id}: one delivery carried {} recipients, over the limit of 200",
+            r.envelope.recipients.len() <= rcpts_per_delivery_max,
+            "{id}: one delivery carried {} recipients, over the limit of {rcpts_per_delivery_max}",
             r.envelope.recipients.len()
         );
         assert!(
@@ -124,7 +126,7 @@ fn check_delivered_exactly_once<'a>(
             r.header.queue_id
         );
         parts
-            .entry(m.message_id.as_str())
+            .entry(m.message_id.clone())
             .or_default()
             .push(r.envelope.recipients.len());
         for rc in &r.envelope.recipients {
@@ -140,18 +142,8 @@ fn check_delivered_exactly_once<'a>(
         let n = stored.get(*addr).copied().unwrap_or(0);
         assert_eq!(n, 1, "{addr} of {} is in the spool {n} times", m.message_id);
     }
-    for m in mails {
-        let mut got = parts
-            .get(m.message_id.as_str())
-            .cloned()
-            .unwrap_or_default();
-        got.sort_unstable();
-        // 300 recipients: one delivery of 200 and one of 100, nothing else.
-        let want = match m.rcpts.len() {
-            300 => vec![100, 200],
-            n => vec![n],
-        };
-        assert_eq!(got, want, "{}: recipients per delivery", m.message_id);
+    for p in parts.values_mut() {
+        p.sort_unstable();
     }
     // Postfix's side: one status=sent per recipient, naming our record.
     let mut sent: HashMap<String, usize> = HashMap::new();
@@ -187,7 +179,7 @@ fn check_delivered_exactly_once<'a>(
             "Postfix's status=sent lines for {addr}"
         );
     }
-    others
+    (others, parts)
 }
 
 fn recipients_of(mails: &[Mail]) -> usize {
@@ -239,7 +231,19 @@ fn deliver_mixed(tag: &str, io: &str, unix: bool) {
     let mut odd_known = odd.clone();
     odd_known.rcpts.truncate(1);
     mails.push(odd_known);
-    let others = check_delivered_exactly_once(&pf, &records, &mails);
+    let (others, parts) = check_delivered_exactly_once(&pf, &records, &mails, 200);
+    for m in &mails {
+        // 300 recipients: one delivery of 200 and one of 100, nothing else.
+        let want = match m.rcpts.len() {
+            300 => vec![100, 200],
+            n => vec![n],
+        };
+        assert_eq!(
+            parts[&m.message_id], want,
+            "{}: recipients per delivery",
+            m.message_id
+        );
+    }
     // The unknown recipient: refused at RCPT, bounced by Postfix, not stored.
     let bounced = pf.deliveries("bounced");
     assert_eq!(bounced.len(), 1, "{bounced:?}");
@@ -399,7 +403,7 @@ fn at_the_size_cap_postfix_defers_and_redelivers_exactly_once_after_a_restart() 
         pf.flush();
         pf.wait_drained(Duration::from_secs(30));
         let records = spool_records(&server.spool);
-        let others = check_delivered_exactly_once(&pf, &records, &mails);
+        let (others, _) = check_delivered_exactly_once(&pf, &records, &mails, 200);
         assert!(others.is_empty());
         assert!(server.stop().success());
     }
@@ -452,8 +456,149 @@ fn at_the_size_cap_postfix_redelivers_exactly_once_when_a_consumer_frees_space()
             "retention removed nothing: {left} records left of {} read",
             read.len()
         );
-        let others = check_delivered_exactly_once(&pf, &read, &mails);
+        let (others, _) = check_delivered_exactly_once(&pf, &read, &mails, 200);
         assert!(others.is_empty());
+        assert!(server.stop().success());
+    }
+}
+
+/// Through a recording proxy: Postfix keeps connections to us open between
+/// deliveries, sends `RSET` before it reuses one, and closes a connection it
+/// cached without `QUIT` once it has sat idle for
+/// `lmtp_connection_cache_time_limit` (2 s). Every message still arrives
+/// once.
+#[test]
+fn postfix_reuses_cached_connections_after_rset_and_drops_them_without_quit() {
+    for io in backends() {
+        let dir = TestDir::new(&format!("cache-{io}"));
+        let mails: Vec<Mail> = (0..60)
+            .map(|n| Mail::numbered("cache", n, 1, 800))
+            .collect();
+        let srv_dir = dir.0.join("lmtp");
+        std::fs::create_dir_all(&srv_dir).unwrap();
+        let config = server_config(&srv_dir, None);
+        let mut server = start_server(&srv_dir, io, &config, &[]);
+        let proxy = Proxy::start(server.addr());
+        let mut pf = Postfix::start(
+            &dir.0.join("postfix"),
+            &ingest_main_cf(&Next::Tcp(proxy.addr())),
+            INGEST_MASTER_CF,
+        );
+        inject(pf.smtpd_port, &mails, 3);
+        pf.wait_drained(Duration::from_secs(30));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while proxy.transcripts().iter().any(|t| !t.client_closed) {
+            assert!(
+                Instant::now() < deadline,
+                "Postfix kept a connection open: {:?}",
+                proxy
+                    .transcripts()
+                    .iter()
+                    .map(Transcript::commands)
+                    .collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let records = spool_records(&server.spool);
+        let (others, _) = check_delivered_exactly_once(&pf, &records, &mails, 200);
+        assert!(others.is_empty());
+
+        let conns: Vec<Vec<String>> = proxy
+            .transcripts()
+            .iter()
+            .map(Transcript::commands)
+            .collect();
+        let mut reused = 0;
+        let mut quitless = 0;
+        for c in &conns {
+            assert_eq!(c.first().map(String::as_str), Some("LHLO"), "{c:?}");
+            assert_eq!(c.iter().filter(|w| *w == "LHLO").count(), 1, "{c:?}");
+            let mails_here: Vec<usize> = (0..c.len()).filter(|&i| c[i] == "MAIL").collect();
+            for &i in mails_here.iter().skip(1) {
+                // A reused connection: the transaction before ended, then RSET.
+                assert_eq!(&c[i - 2..i], [".", "RSET"], "reuse without RSET: {c:?}");
+            }
+            reused += usize::from(mails_here.len() > 1);
+            quitless += usize::from(c.last().map(String::as_str) != Some("QUIT"));
+        }
+        let transactions: usize = conns
+            .iter()
+            .map(|c| c.iter().filter(|w| *w == "MAIL").count())
+            .sum();
+        assert_eq!(transactions, mails.len(), "one transaction per message");
+        eprintln!(
+            "cache {io}: {} messages over {} connections, {reused} reused, {quitless} closed without QUIT",
+            mails.len(),
+            conns.len()
+        );
+        assert!(reused > 0, "Postfix reused no connection: {conns:?}");
+        assert!(quitless > 0, "every connection ended with QUIT: {conns:?}");
+        pf.stop();
+        assert!(server.stop().success());
+    }
+}
+
+/// Our recipient limit below Postfix's: with `limits.recipients_max = 100`
+/// and `ingest_destination_recipient_limit = 200`, recipients 101 to 200 of
+/// a delivery get `452 4.5.3` at RCPT; Postfix defers them, delivers them on
+/// a later attempt, and every recipient still arrives exactly once. (It
+/// costs a retry per message, and sometimes a wait for qmgr's wakeup: keep
+/// our limit at or above Postfix's.)
+#[test]
+fn our_recipient_limit_below_postfix_s_defers_the_excess_then_delivers_it() {
+    for io in backends() {
+        let dir = TestDir::new(&format!("rcptmax-{io}"));
+        let mails: Vec<Mail> = (0..8)
+            .map(|n| Mail::numbered("rcptmax", n, if n % 2 == 0 { 300 } else { 1 }, 1200))
+            .collect();
+        let srv_dir = dir.0.join("lmtp");
+        std::fs::create_dir_all(&srv_dir).unwrap();
+        let config = server_config(&srv_dir, None);
+        let mut server = start_server(&srv_dir, io, &config, &["--recipients-max", "100"]);
+        let next = Next::Tcp(server.addr());
+        let mut pf = Postfix::start(
+            &dir.0.join("postfix"),
+            &ingest_main_cf(&next),
+            INGEST_MASTER_CF,
+        );
+        inject(pf.smtpd_port, &mails, 1);
+        let t0 = Instant::now();
+        // Postfix moves a message with "too many recipients" deferrals back
+        // to its incoming queue for an immediate retry; when another
+        // delivery of the same message still holds the queue file, qmgr logs
+        // "skipped, still being delivered" and looks again only when woken
+        // (qmgr's 300 s wakeup): flush as an operator would.
+        pf.wait_drained_flushing(Duration::from_secs(40), Duration::from_secs(2));
+        let skipped = pf
+            .log_text()
+            .matches("skipped, still being delivered")
+            .count();
+        let records = spool_records(&server.spool);
+        let (others, parts) = check_delivered_exactly_once(&pf, &records, &mails, 100);
+        assert!(others.is_empty());
+        for m in mails.iter().filter(|m| m.rcpts.len() == 300) {
+            assert_eq!(
+                parts[&m.message_id],
+                vec![100, 100, 100],
+                "{}",
+                m.message_id
+            );
+        }
+        let deferred = pf.deliveries("deferred");
+        eprintln!(
+            "rcptmax {io}: drained in {:?} after {} deferrals; qmgr skipped a locked message {skipped} times",
+            t0.elapsed(),
+            deferred.len()
+        );
+        assert_eq!(deferred.len(), 4 * 100, "one deferral per excess recipient");
+        for d in &deferred {
+            assert!(
+                d.reply
+                    .contains("said: 452 4.5.3 Too many recipients (in reply to RCPT TO command)"),
+                "{d:?}"
+            );
+        }
+        pf.stop();
         assert!(server.stop().success());
     }
 }

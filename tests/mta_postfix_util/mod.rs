@@ -264,6 +264,22 @@ impl Postfix {
             .collect()
     }
 
+    /// One line per queued message: id, queue, recipients, first reason.
+    pub fn queue_summary(&self) -> String {
+        let mut out = String::new();
+        for m in self.queue() {
+            let rcpts = m["recipients"].as_array().cloned().unwrap_or_default();
+            out.push_str(&format!(
+                "\n  {} in {}: {} recipients, e.g. {}",
+                m["queue_id"],
+                m["queue_name"],
+                rcpts.len(),
+                rcpts.first().map(|r| r.to_string()).unwrap_or_default()
+            ));
+        }
+        out
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -284,10 +300,10 @@ impl Postfix {
         let deadline = Instant::now() + timeout;
         while !done(self) {
             if Instant::now() > deadline {
+                // The log follows from the drop.
                 panic!(
-                    "timed out after {timeout:?} waiting for {what}\nqueue: {:?}\nPostfix log:\n{}",
-                    self.queue(),
-                    self.log_text()
+                    "timed out after {timeout:?} waiting for {what}\nqueue: {}",
+                    self.queue_summary()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -297,6 +313,22 @@ impl Postfix {
     /// Waits for an empty queue: every message delivered or bounced.
     pub fn wait_drained(&self, timeout: Duration) {
         self.wait_for("Postfix's queue to drain", timeout, |p| {
+            p.queue().is_empty()
+        });
+    }
+
+    /// Waits for an empty queue, running `postqueue -f` every
+    /// `flush_every`, as an operator would: a message that Postfix moved
+    /// back to its incoming queue while another delivery of it still held
+    /// the queue file is otherwise looked at again only when something
+    /// else wakes the queue manager (qmgr's 300 s wakeup in master.cf).
+    pub fn wait_drained_flushing(&self, timeout: Duration, flush_every: Duration) {
+        let mut last = Instant::now();
+        self.wait_for("Postfix's queue to drain", timeout, |p| {
+            if last.elapsed() >= flush_every {
+                p.flush();
+                last = Instant::now();
+            }
             p.queue().is_empty()
         });
     }
@@ -550,6 +582,122 @@ fn expect(r: &mut BufReader<TcpStream>, code: &str, what: &str) {
         );
         if line.as_bytes().get(3) != Some(&b'-') {
             return;
+        }
+    }
+}
+
+/// What one client connection through a [`Proxy`] sent, and how it ended.
+#[derive(Clone, Debug, Default)]
+pub struct Transcript {
+    /// Every byte the client (Postfix) sent.
+    pub from_client: Vec<u8>,
+    /// The client closed its side (EOF).
+    pub client_closed: bool,
+}
+
+impl Transcript {
+    /// The commands the client sent, in order, without message data: the
+    /// first word of each command line, upper case (`LHLO`, `MAIL`, `RCPT`,
+    /// `DATA`, `RSET`, `QUIT`...); the end of each message's data is `.`.
+    pub fn commands(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut in_data = false;
+        for line in self.from_client.split(|&c| c == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if in_data {
+                if line == b"." {
+                    in_data = false;
+                    out.push(".".to_string());
+                }
+                continue;
+            }
+            if line.is_empty() {
+                continue;
+            }
+            let word = String::from_utf8_lossy(line)
+                .split([' ', ':'])
+                .next()
+                .unwrap_or_default()
+                .to_ascii_uppercase();
+            in_data = word == "DATA";
+            out.push(word);
+        }
+        out
+    }
+}
+
+/// A TCP proxy on loopback that records what clients send: Postfix talks to
+/// it as to our server, and a test reads what Postfix really did (caching,
+/// RSET, QUIT or not). Threads end when their sockets close.
+pub struct Proxy {
+    pub port: u16,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<std::sync::Mutex<Transcript>>>>>,
+}
+
+impl Proxy {
+    pub fn start(upstream: String) -> Proxy {
+        use std::sync::{Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns: Arc<Mutex<Vec<Arc<Mutex<Transcript>>>>> = Arc::default();
+        let all = conns.clone();
+        // Ends with the test process (a test binary exits when its tests do).
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let t = Arc::new(Mutex::new(Transcript::default()));
+                all.lock().unwrap().push(t.clone());
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || pump(client, server, Some(t)));
+                std::thread::spawn(move || pump(s2, c2, None));
+            }
+        });
+        Proxy { port, conns }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn transcripts(&self) -> Vec<Transcript> {
+        self.conns
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| t.lock().unwrap().clone())
+            .collect()
+    }
+}
+
+/// Copies `from` to `to` until EOF or an error; records into `t` when given
+/// (the client's direction).
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    t: Option<std::sync::Arc<std::sync::Mutex<Transcript>>>,
+) {
+    use std::io::Read;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                if let Some(t) = &t {
+                    t.lock().unwrap().client_closed = true;
+                }
+                let _ = to.shutdown(std::net::Shutdown::Write);
+                return;
+            }
+            Ok(n) => {
+                if let Some(t) = &t {
+                    t.lock().unwrap().from_client.extend_from_slice(&buf[..n]);
+                }
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
         }
     }
 }
