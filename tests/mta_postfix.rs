@@ -287,6 +287,17 @@ fn deliver_mixed(tag: &str, io: &str, unix: bool) {
 
     pf.stop();
     assert!(server.stop().success());
+    assert_no_warnings(&server);
+}
+
+/// Nothing the server logged (after it stopped) is a warning or an error.
+fn assert_no_warnings(server: &Server) {
+    let bad: Vec<&String> = server
+        .log_lines
+        .iter()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(bad.is_empty(), "the server warned: {bad:#?}");
 }
 
 #[test]
@@ -535,6 +546,8 @@ fn postfix_reuses_cached_connections_after_rset_and_drops_them_without_quit() {
         assert!(quitless > 0, "every connection ended with QUIT: {conns:?}");
         pf.stop();
         assert!(server.stop().success());
+        // A close without QUIT is an ordinary end of a session for us.
+        assert_no_warnings(&server);
     }
 }
 
