@@ -42,6 +42,19 @@ impl Drop for TestDir {
     }
 }
 
+/// True when this process may run a private Postfix (root: Postfix's
+/// daemons switch to the `postfix` user, and its data directory is chowned to
+/// it). Otherwise says why the test is skipped, as the loop-device spool tests
+/// do. `.ci/run` runs as root. A missing Postfix is an error, not a skip.
+pub fn can_run_postfix() -> bool {
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    let root = unsafe { libc::geteuid() == 0 };
+    if !root {
+        eprintln!("skipped: a private Postfix instance needs root (as .ci/run has)");
+    }
+    root
+}
+
 /// A loopback port that was free a moment ago (bound to port 0, then closed).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
