@@ -331,10 +331,13 @@ impl Postfix {
     }
 
     /// Waits for an empty queue, running `postqueue -f` every
-    /// `flush_every`, as an operator would: a message that Postfix moved
-    /// back to its incoming queue while another delivery of it still held
-    /// the queue file is otherwise looked at again only when something
-    /// else wakes the queue manager (qmgr's 300 s wakeup in master.cf).
+    /// `flush_every`, as an operator would. With this instance's 1 s
+    /// backoffs Postfix retries a partly deferred message through its
+    /// incoming queue; when the queue file is still locked by the delivery
+    /// that just ended, qmgr logs "skipped, still being delivered" and looks
+    /// at the message again only when something wakes it (its 300 s wakeup
+    /// in master.cf). With Postfix's default backoff the message goes to the
+    /// deferred queue instead.
     pub fn wait_drained_flushing(&self, timeout: Duration, flush_every: Duration) {
         let mut last = Instant::now();
         self.wait_for("Postfix's queue to drain", timeout, |p| {
