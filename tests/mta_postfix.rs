@@ -575,6 +575,18 @@ fn postfix_reuses_cached_connections_after_rset_and_drops_them_without_quit() {
             mails.len(),
             conns.len()
         );
+        // SIZE= on every MAIL: a message over our SIZE is refused before
+        // its data (552 5.3.4 at MAIL).
+        let mail_lines: Vec<String> = proxy
+            .transcripts()
+            .iter()
+            .flat_map(Transcript::mail_lines)
+            .collect();
+        assert_eq!(mail_lines.len(), mails.len());
+        for m in &mail_lines {
+            assert!(m.contains(" SIZE="), "{m}");
+        }
+        eprintln!("cache {io}: Postfix's MAIL: {}", mail_lines[0]);
         assert!(reused > 0, "Postfix reused no connection: {conns:?}");
         assert!(quitless > 0, "every connection ended with QUIT: {conns:?}");
         pf.stop();

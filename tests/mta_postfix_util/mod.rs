@@ -642,12 +642,27 @@ impl Transcript {
     }
 }
 
+impl Transcript {
+    /// The client's `MAIL FROM` lines, as sent.
+    pub fn mail_lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.from_client)
+            .split("\r\n")
+            .filter(|l| {
+                l.get(..10)
+                    .is_some_and(|w| w.eq_ignore_ascii_case("MAIL FROM:"))
+            })
+            .map(str::to_string)
+            .collect()
+    }
+}
+
 /// A TCP proxy on loopback that records what clients send: Postfix talks to
 /// it as to our server, and a test reads what Postfix really did (caching,
 /// RSET, QUIT or not). Threads end when their sockets close.
 pub struct Proxy {
     pub port: u16,
     conns: std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<std::sync::Mutex<Transcript>>>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proxy {
@@ -657,9 +672,14 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let conns: Arc<Mutex<Vec<Arc<Mutex<Transcript>>>>> = Arc::default();
         let all = conns.clone();
-        // Ends with the test process (a test binary exits when its tests do).
+        let stop: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let stopped = stop.clone();
+        // Ends when the proxy is dropped; the pumps when their sockets close.
         std::thread::spawn(move || {
             for client in listener.incoming() {
+                if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
                 let Ok(client) = client else { continue };
                 let Ok(server) = TcpStream::connect(&upstream) else {
                     continue;
@@ -671,7 +691,7 @@ impl Proxy {
                 std::thread::spawn(move || pump(s2, c2, None));
             }
         });
-        Proxy { port, conns }
+        Proxy { port, conns, stop }
     }
 
     pub fn addr(&self) -> String {
@@ -685,6 +705,14 @@ impl Proxy {
             .iter()
             .map(|t| t.lock().unwrap().clone())
             .collect()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Wakes the accepting thread, which then sees `stop`.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
 }
 
