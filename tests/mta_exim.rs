@@ -11,7 +11,7 @@
 //!   queue run after space returns delivers every message exactly once.
 //!
 //! The configuration these tests prove is `mta_exim_util::INGEST_CONFIG`,
-//! shown in docs/integration-exim.md. Without Exim unpacked the tests fail
+//! shown in docs/INTEGRATION.md. Without Exim unpacked the tests fail
 //! and say to run `.ci/run`.
 
 mod mta_exim_util;
@@ -298,7 +298,7 @@ fn callout_rejects_unknown_accepts_known() {
 
 /// Exim caches callout answers: after a user is added to our table and the
 /// table reloaded (SIGHUP), Exim still refuses that user from its negative
-/// cache while our server already accepts it. (docs/integration-exim.md
+/// cache while our server already accepts it. (docs/INTEGRATION.md
 /// says so and suggests `callout_negative_expire` or `no_cache`.)
 #[test]
 fn callout_cache_outlives_a_table_reload() {
@@ -543,20 +543,19 @@ fn recipients_max_below_exims_batch() {
     }
 }
 
-/// docs/integration-exim.md shows the configuration these tests run, word
+/// docs/INTEGRATION.md shows the configuration these tests run, word
 /// for word (with a production socket path and port).
 #[test]
 fn doc_shows_the_tested_configuration() {
-    let doc = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/integration-exim.md"),
-    )
-    .unwrap();
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/INTEGRATION.md"))
+            .unwrap();
     let shown = mta_exim_util::INGEST_CONFIG
         .replace("@SOCKET@", "/run/lmtp-ingest/lmtp.sock")
         .replace("@PORT@", "2424");
     assert!(
         doc.contains(&format!("```\n{}\n```", shown.trim_matches('\n'))),
-        "docs/integration-exim.md must show INGEST_CONFIG from tests/mta_exim_util/mod.rs \
+        "docs/INTEGRATION.md must show INGEST_CONFIG from tests/mta_exim_util/mod.rs \
          as it is now; copy it over:\n{shown}"
     );
 }

@@ -14,7 +14,7 @@
 //! retention removes segments, with the server still running) Postfix
 //! redelivers and every message arrives exactly once.
 //!
-//! The settings these tests write are the ones docs/integration-postfix.md
+//! The settings these tests write are the ones docs/INTEGRATION.md
 //! shows.
 
 mod mta_postfix_util;
@@ -354,15 +354,28 @@ fn fill_to_the_cap(pf: &Postfix, spool: &Path, mails: &[Mail]) {
         sent.len(),
         deferred.len()
     );
+    // The message that found the spool full is refused after its data, per
+    // recipient; from then on MAIL itself is refused, before any data.
+    let after_data = |d: &Delivery| {
+        d.reply.contains(&format!(
+            "said: 452 4.3.1 <{}> Insufficient system storage (in reply to end of DATA command)",
+            d.to
+        ))
+    };
+    let at_mail = |d: &Delivery| {
+        d.reply
+            .contains("said: 452 4.3.1 Insufficient system storage (in reply to MAIL FROM command)")
+    };
     for d in &deferred {
         assert!(
-            d.reply.contains(&format!(
-                "said: 452 4.3.1 <{}> Insufficient system storage (in reply to end of DATA command)",
-                d.to
-            )),
+            after_data(d) || at_mail(d),
             "deferred for another reason than the full spool: {d:?}"
         );
     }
+    assert!(
+        deferred.iter().any(at_mail),
+        "once full, MAIL should be refused before the data: {deferred:?}"
+    );
     // What Postfix keeps queued is exactly what it did not get a 250 for,
     // and what we stored is exactly what it logged as sent. Postfix keeps
     // retrying meanwhile (a retry can fit), so take the three readings again
@@ -662,5 +675,31 @@ fn our_recipient_limit_below_postfix_s_defers_the_excess_then_delivers_it() {
         }
         pf.stop();
         assert!(server.stop().success());
+    }
+}
+
+/// docs/INTEGRATION.md shows the settings these tests write: the master.cf
+/// line word for word, and each main.cf setting the tests give Postfix.
+#[test]
+fn doc_shows_the_tested_postfix_configuration() {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/INTEGRATION.md"))
+            .unwrap();
+    assert!(
+        doc.contains(mta_postfix_util::INGEST_MASTER_CF.trim_end()),
+        "docs/INTEGRATION.md must show the master.cf line {:?}",
+        mta_postfix_util::INGEST_MASTER_CF
+    );
+    for setting in [
+        "virtual_mailbox_domains = example.com",
+        "virtual_mailbox_maps =",
+        "virtual_transport = ingest:inet:[127.0.0.1]:",
+        "virtual_transport = ingest:unix:",
+        "ingest_destination_recipient_limit = 200",
+    ] {
+        assert!(
+            doc.contains(setting),
+            "docs/INTEGRATION.md must show {setting:?}"
+        );
     }
 }

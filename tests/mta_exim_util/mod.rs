@@ -110,7 +110,7 @@ pub struct Target {
 }
 
 /// The router/transport/ACL part of the configuration: what
-/// docs/integration-exim.md shows. `@SOCKET@` and `@PORT@` are filled in.
+/// docs/INTEGRATION.md shows. `@SOCKET@` and `@PORT@` are filled in.
 /// Domain `u.example` goes to the `lmtp` transport over the UNIX socket,
 /// `t.example` to the `smtp` transport speaking LMTP over TCP.
 pub const INGEST_CONFIG: &str = r#"

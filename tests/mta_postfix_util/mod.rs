@@ -88,7 +88,7 @@ impl Next {
 /// The domain routed to our server; every test address is in it.
 pub const DOMAIN: &str = "example.com";
 
-/// The settings the tests prove, as docs/integration-postfix.md shows them:
+/// The settings the tests prove, as docs/INTEGRATION.md shows them:
 /// mail for `example.com` goes to the `ingest` transport, an `lmtp` client
 /// with at most 200 recipients per delivery.
 pub fn ingest_main_cf(next: &Next) -> String {
