@@ -1,43 +1,111 @@
-//! The server's log output: formatted on the thread that logs, written to
-//! stderr by one background thread, so a slow reader of stderr (a busy
-//! journald, a full pipe, a slow terminal) never stalls a shard.
+//! The server's log output: each line is formatted on the thread that logs
+//! and appended to one bounded buffer in memory; a `log-writer` thread writes
+//! that buffer to stderr in large writes, at most about every
+//! [`GATHER_FOR`]. So a slow reader of stderr (a busy journald, a full pipe,
+//! a slow terminal) never stalls a shard, and a busy server makes one write
+//! system call per [`GATHER_FOR`] instead of one per line (and wakes the
+//! writer thread at most that often, not once per line).
 //!
-//! The hand-over is bounded ([`LINES_MAX`] lines). When it is full a line is
-//! dropped rather than blocking the shard, and counted: [`LogGuard`] warns
-//! about drops while the server runs and once more when it stops. The spool,
-//! not the log, is the record of what was accepted.
+//! When the buffer holds [`BUFFER_BYTES_MAX`], further lines are dropped,
+//! not waited for, and counted: [`LogGuard`] warns about drops while the
+//! server runs and once more when it stops. The spool, not the log, is the
+//! record of what was accepted.
 //!
-//! Must not: block the logging thread on stderr, or lose lines already
-//! queued when the server stops (the guard flushes them).
+//! Must not: block a logging thread on stderr, or lose lines already
+//! buffered when the server stops (dropping the guard writes them out).
 
-use std::io::{BufWriter, IsTerminal};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use lmtp_ingest::config::Config;
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 
-/// Lines queued for stderr before new ones are dropped: at about 300 bytes a
-/// delivery line, some 20 MiB, several seconds of a busy server's log.
-const LINES_MAX: usize = 65_536;
-/// How often a background check reports lines dropped since its last look.
+/// Bytes of log waiting for stderr before new lines are dropped: at about
+/// 300 bytes a delivery line, some 50,000 lines, seconds of a busy server.
+const BUFFER_BYTES_MAX: usize = 16 << 20;
+/// How long the writer collects lines after the first one arrives, before
+/// one write: long enough to batch a busy server's lines, short enough that
+/// a line shows up at once to a person watching.
+const GATHER_FOR: Duration = Duration::from_millis(10);
+/// How often dropped lines are reported, at most.
 const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
 
-/// Keeps the log writer alive; dropping it writes what is queued.
+struct Pending {
+    bytes: Vec<u8>,
+    closing: bool,
+}
+
+struct Shared {
+    pending: Mutex<Pending>,
+    /// Signalled when the buffer stops being empty, and at close.
+    ready: Condvar,
+    dropped: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        // A panic while holding this lock cannot leave the bytes
+        // inconsistent (appends are all-or-nothing): keep logging.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends one whole line, or drops and counts it when the buffer is
+    /// full. Never blocks on I/O.
+    fn push(&self, line: &[u8]) {
+        let mut p = self.lock();
+        if p.bytes.len() + line.len() > BUFFER_BYTES_MAX {
+            drop(p);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let was_empty = p.bytes.is_empty();
+        p.bytes.extend_from_slice(line);
+        drop(p);
+        if was_empty {
+            self.ready.notify_one();
+        }
+    }
+}
+
+/// What `tracing_subscriber` writes each formatted event to (it formats a
+/// whole event, then writes it with one `write_all`).
+#[derive(Clone)]
+struct Sink(Arc<Shared>);
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.push(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Sink {
+    type Writer = Sink;
+    fn make_writer(&'a self) -> Sink {
+        self.clone()
+    }
+}
+
+/// Keeps the log writer alive; dropping it writes out what is buffered.
 pub struct LogGuard {
-    dropped: ErrorCounter,
-    stop: Arc<AtomicBool>,
-    // Last field: dropped after the final drop report was queued.
-    _worker: WorkerGuard,
+    shared: Arc<Shared>,
+    writer: Option<JoinHandle<()>>,
 }
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let n = self.dropped.dropped_lines();
+        self.shared.lock().closing = true;
+        self.shared.ready.notify_one();
+        if let Some(h) = self.writer.take() {
+            let _ = h.join();
+        }
+        let n = self.shared.dropped.load(Ordering::Relaxed);
         if n > 0 {
-            // Straight to stderr: the queue may be the thing that is full.
             eprintln!(
                 "lmtp-ingest: {n} log lines were dropped because stderr could not keep up; \
                  send stderr somewhere faster or raise log.level (e.g. \"warn\")"
@@ -53,52 +121,135 @@ pub fn init(config: &Config) -> LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::stderr().is_terminal();
-    let (writer, worker) = NonBlockingBuilder::default()
-        .buffered_lines_limit(LINES_MAX)
-        .lossy(true)
-        .thread_name("log-writer")
-        // Buffered: the worker flushes whenever its queue runs dry, so a
-        // quiet server's lines appear at once and a busy one's go out in
-        // large writes.
-        .finish(BufWriter::with_capacity(64 << 10, std::io::stderr()));
-    let dropped = writer.error_counter();
+    let shared = Arc::new(Shared {
+        pending: Mutex::new(Pending {
+            bytes: Vec::new(),
+            closing: false,
+        }),
+        ready: Condvar::new(),
+        dropped: AtomicU64::new(0),
+    });
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer);
+        .with_writer(Sink(shared.clone()));
     let _ = if config.log.format == "json" {
         fmt.json().try_init()
     } else {
-        fmt.with_ansi(ansi).try_init()
+        fmt.with_ansi(std::io::stderr().is_terminal()).try_init()
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    spawn_drop_reporter(dropped.clone(), stop.clone());
-    LogGuard {
-        dropped,
-        stop,
-        _worker: worker,
+    let s = shared.clone();
+    let writer = std::thread::Builder::new()
+        .name("log-writer".into())
+        .spawn(move || write_out(&s, &mut std::io::stderr()))
+        .ok();
+    LogGuard { shared, writer }
+}
+
+/// The writer thread: waits for a line, gathers for [`GATHER_FOR`], writes
+/// everything buffered in one go; at close, writes the rest and returns.
+/// Reports dropped lines (through the buffer itself) at most every
+/// [`DROP_REPORT_EVERY`].
+fn write_out(shared: &Shared, out: &mut dyn Write) {
+    let mut spare = Vec::new();
+    let mut reported = 0;
+    let mut last_report = Instant::now();
+    loop {
+        let mut p = shared.lock();
+        while p.bytes.is_empty() && !p.closing {
+            p = shared.ready.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+        if p.bytes.is_empty() {
+            return; // closing, nothing left
+        }
+        if !p.closing {
+            drop(p);
+            std::thread::sleep(GATHER_FOR);
+            p = shared.lock();
+        }
+        std::mem::swap(&mut p.bytes, &mut spare);
+        drop(p);
+        // A failed write (stderr closed) loses these lines; there is
+        // nowhere else to say so.
+        let _ = out.write_all(&spare).and_then(|()| out.flush());
+        spare.clear();
+        if spare.capacity() > 1 << 20 {
+            spare = Vec::new(); // give a burst's memory back
+        }
+        let dropped = shared.dropped.load(Ordering::Relaxed);
+        if dropped > reported && last_report.elapsed() >= DROP_REPORT_EVERY {
+            tracing::warn!(
+                dropped = dropped - reported,
+                total = dropped,
+                "log lines dropped: stderr is not keeping up; send it somewhere faster or raise log.level (e.g. \"warn\")"
+            );
+            reported = dropped;
+            last_report = Instant::now();
+        }
     }
 }
 
-/// Every [`DROP_REPORT_EVERY`], logs how many lines were dropped since the
-/// last report (a warning, which itself may be dropped if the queue is still
-/// full; the count is given again at exit).
-fn spawn_drop_reporter(dropped: ErrorCounter, stop: Arc<AtomicBool>) {
-    let _ = std::thread::Builder::new()
-        .name("log-drops".into())
-        .spawn(move || {
-            let mut reported = 0;
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(DROP_REPORT_EVERY);
-                let n = dropped.dropped_lines();
-                if n > reported {
-                    tracing::warn!(
-                        dropped = n - reported,
-                        total = n,
-                        "log lines dropped: stderr is not keeping up; send it somewhere faster or raise log.level (e.g. \"warn\")"
-                    );
-                    reported = n;
-                }
-            }
-        });
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Arc<Shared> {
+        Arc::new(Shared {
+            pending: Mutex::new(Pending {
+                bytes: Vec::new(),
+                closing: false,
+            }),
+            ready: Condvar::new(),
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    /// Collects what the writer thread writes, counting the writes.
+    #[derive(Clone, Default)]
+    struct Out(Arc<Mutex<(Vec<u8>, usize)>>);
+
+    impl Write for Out {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let mut o = self.0.lock().unwrap();
+            o.0.extend_from_slice(buf);
+            o.1 += 1;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lines_are_batched_and_all_written_at_close() {
+        let s = shared();
+        let out = Out::default();
+        let (s2, mut o2) = (s.clone(), out.clone());
+        let h = std::thread::spawn(move || write_out(&s2, &mut o2));
+        let mut want = Vec::new();
+        for i in 0..10_000 {
+            let line = format!("line {i}\n");
+            Sink(s.clone()).write_all(line.as_bytes()).unwrap();
+            want.extend_from_slice(line.as_bytes());
+        }
+        s.lock().closing = true;
+        s.ready.notify_one();
+        h.join().unwrap();
+        let o = out.0.lock().unwrap();
+        assert_eq!(o.0, want, "every line, in order, nothing lost");
+        assert!(o.1 < 100, "{} writes for 10,000 lines", o.1);
+    }
+
+    #[test]
+    fn a_full_buffer_drops_and_counts_lines() {
+        let s = shared();
+        let line = vec![b'x'; 1 << 20];
+        for _ in 0..(BUFFER_BYTES_MAX >> 20) {
+            s.push(&line);
+        }
+        assert_eq!(s.dropped.load(Ordering::Relaxed), 0);
+        s.push(b"one more\n");
+        s.push(b"and another\n");
+        assert_eq!(s.dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(s.lock().bytes.len(), BUFFER_BYTES_MAX);
+    }
 }
