@@ -4,7 +4,8 @@
 //! whole and in small pieces; both runs must give the same replies and the same
 //! stored messages. Every reply is well-formed, the session never stores a body
 //! over the limit, and each stored message is answered with exactly one reply
-//! per accepted recipient.
+//! per accepted recipient. A full spool (MAIL refused with 452) comes and
+//! goes with the stored messages.
 #![no_main]
 
 use std::sync::Arc;
@@ -39,6 +40,10 @@ fn drive(cfg: &Arc<SessionConfig>, input: &[u8], piece: usize, outcome: u8) -> (
     for chunk in input.chunks(piece.max(1)) {
         pending.extend_from_slice(chunk);
         loop {
+            // A full spool after every other stored message (when the
+            // outcome byte's top bit says so): MAIL is then refused. It
+            // depends only on what was stored, so both runs agree.
+            s.set_storage_full(outcome & 0x80 != 0 && msgs.len() % 2 == 1);
             let n = s.handle_input(now, &pending);
             pending.drain(..n);
             let Some(req) = s.poll_spool() else { break };
