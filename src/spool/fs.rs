@@ -42,125 +42,38 @@ pub trait StorageFile: Send {
     fn sync_data(&mut self) -> io::Result<()>;
     /// `fsync`: data and all metadata (used once, after a segment is sized).
     fn sync_all(&mut self) -> io::Result<()>;
-    /// Writes zeros over `[0, len)` so every block is allocated and written
-    /// (not sync'd: the caller calls [`StorageFile::sync_all`]). The default
-    /// writes them with [`StorageFile::write_all_at`]; [`RealStorage`]'s files
-    /// write them around the page cache, which costs far less CPU.
-    fn zero_fill(&mut self, len: u64) -> io::Result<()> {
-        let zeros = vec![0u8; ZERO_CHUNK_BYTES.min(len as usize)];
-        let mut at = 0u64;
-        while at < len {
-            let n = (len - at).min(zeros.len() as u64) as usize;
-            self.write_all_at(&zeros[..n], at)?;
-            at += n as u64;
-        }
-        Ok(())
-    }
 }
-
-/// Size of one zero-fill write: large enough to be efficient, small enough
-/// to be cheap to hold.
-const ZERO_CHUNK_BYTES: usize = 1 << 20;
-/// Alignment that `O_DIRECT` asks of offsets, lengths and buffers: the
-/// largest logical block size in common use.
-const DIRECT_ALIGN: usize = 4096;
 
 /// The production storage: the operating system's calls, nothing added.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealStorage;
 
-struct RealFile {
-    file: File,
-    /// The path it was opened by: zero-fill opens it a second time with
-    /// `O_DIRECT`.
-    path: PathBuf,
-}
-
-impl RealFile {
-    fn open(path: &Path, create: bool) -> io::Result<RealFile> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(create)
-            .open(path)?;
-        Ok(RealFile {
-            file,
-            path: path.to_path_buf(),
-        })
-    }
-
-    /// Zeros `[0, len)` rounded down to [`DIRECT_ALIGN`] with `O_DIRECT`
-    /// writes from one aligned buffer: no copy into the page cache and no
-    /// dirty pages for writeback to flush later (a 64 MiB segment costs about
-    /// 3 ms of CPU this way against 20-80 ms buffered). Returns how many
-    /// bytes it wrote; `Ok(0)` where the file system refuses `O_DIRECT`, so
-    /// the caller writes the rest buffered.
-    fn zero_fill_direct(&self, len: u64) -> io::Result<u64> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let aligned_len = len - len % DIRECT_ALIGN as u64;
-        if aligned_len == 0 {
-            return Ok(0);
-        }
-        let direct = match OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&self.path)
-        {
-            Ok(f) => f,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(0),
-            Err(e) => return Err(e),
-        };
-        let chunk = (ZERO_CHUNK_BYTES as u64).min(aligned_len) as usize;
-        let backing = vec![0u8; chunk + DIRECT_ALIGN];
-        let start = backing.as_ptr().align_offset(DIRECT_ALIGN);
-        if start >= DIRECT_ALIGN {
-            return Ok(0); // cannot align (never on Linux targets): go buffered
-        }
-        let zeros = &backing[start..start + chunk];
-        let mut at = 0u64;
-        while at < aligned_len {
-            let n = (aligned_len - at).min(chunk as u64) as usize;
-            match direct.write_all_at(&zeros[..n], at) {
-                Ok(()) => at += n as u64,
-                // A device with a larger block or a file system that checks
-                // late: what is left is written buffered.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(at)
-    }
-}
+struct RealFile(File);
 
 impl StorageFile for RealFile {
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        self.0.write_all_at(buf, offset)
     }
     fn sync_data(&mut self) -> io::Result<()> {
-        self.file.sync_data()
+        self.0.sync_data()
     }
     fn sync_all(&mut self) -> io::Result<()> {
-        self.file.sync_all()
-    }
-    fn zero_fill(&mut self, len: u64) -> io::Result<()> {
-        let done = self.zero_fill_direct(len)?;
-        let zeros = vec![0u8; ZERO_CHUNK_BYTES.min((len - done) as usize)];
-        let mut at = done;
-        while at < len {
-            let n = (len - at).min(zeros.len() as u64) as usize;
-            self.file.write_all_at(&zeros[..n], at)?;
-            at += n as u64;
-        }
-        Ok(())
+        self.0.sync_all()
     }
 }
 
 impl Storage for RealStorage {
     fn create(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
-        Ok(Box::new(RealFile::open(path, true)?))
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        Ok(Box::new(RealFile(f)))
     }
     fn open(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
-        Ok(Box::new(RealFile::open(path, false)?))
+        let f = OpenOptions::new().read(true).write(true).open(path)?;
+        Ok(Box::new(RealFile(f)))
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         std::fs::rename(from, to)
@@ -302,13 +215,6 @@ impl StorageFile for FaultyFile {
         self.mark_durable();
         Ok(())
     }
-    /// The real zero-fill (`O_DIRECT` where it can), faultable as a write.
-    fn zero_fill(&mut self, len: u64) -> io::Result<()> {
-        self.storage.check(FaultOp::Write)?;
-        self.inner.zero_fill(len)?;
-        self.with_model(|m| m.pending.push((0, len)));
-        Ok(())
-    }
 }
 
 impl FaultyFile {
@@ -345,15 +251,21 @@ impl FaultyFile {
 impl Storage for FaultyStorage {
     fn create(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
         self.check(FaultOp::Create)?;
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
         Ok(Box::new(FaultyFile {
-            inner: RealFile::open(path, true)?,
+            inner: RealFile(f),
             path: path.to_path_buf(),
             storage: self.clone(),
         }))
     }
     fn open(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
+        let f = OpenOptions::new().read(true).write(true).open(path)?;
         Ok(Box::new(FaultyFile {
-            inner: RealFile::open(path, false)?,
+            inner: RealFile(f),
             path: path.to_path_buf(),
             storage: self.clone(),
         }))
@@ -381,44 +293,6 @@ impl Storage for FaultyStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn zero_fill_overwrites_everything_up_to_an_unaligned_end() {
-        // On a real disk (target/, not /tmp which may be tmpfs) so the
-        // O_DIRECT path runs; the tail past the last 4 KiB block is buffered.
-        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
-        let p = dir.path().join("seg");
-        let len = 3 * ZERO_CHUNK_BYTES as u64 + 4096 * 3 + 100;
-        let mut f = RealStorage.create(&p).unwrap();
-        // Garbage first, still in the page cache: the direct writes must
-        // replace it, not be hidden by it.
-        f.write_all_at(&vec![0xA5; len as usize + 10], 0).unwrap();
-        f.zero_fill(len).unwrap();
-        f.sync_all().unwrap();
-        let back = std::fs::read(&p).unwrap();
-        assert_eq!(back.len() as u64, len + 10);
-        let first_nonzero = back.iter().position(|&b| b != 0);
-        assert_eq!(
-            first_nonzero,
-            Some(len as usize),
-            "zeros end exactly at len"
-        );
-    }
-
-    #[test]
-    fn zero_fill_counts_as_a_faultable_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = FaultyStorage::new();
-        let p = dir.path().join("seg");
-        let mut f = s.create(&p).unwrap();
-        s.fail(FaultOp::Write, libc::ENOSPC, 1);
-        let e = f.zero_fill(8192).unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
-        f.zero_fill(8192).unwrap();
-        assert!(!s.is_durable(&p, 0, 8192));
-        f.sync_all().unwrap();
-        assert!(s.is_durable(&p, 0, 8192));
-    }
 
     #[test]
     fn faulty_storage_models_durability_and_injects_errors() {

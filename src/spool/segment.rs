@@ -3,10 +3,8 @@
 //!
 //! A segment is created under a temporary name (`.prep`), filled with zeros to
 //! its full capacity (so every block is allocated and written: no unwritten
-//! extents whose first write would be a metadata change; the zeros go around
-//! the page cache with `O_DIRECT` where the file system takes it, see
-//! [`StorageFile::zero_fill`]), given its header, `fsync`ed, renamed to its
-//! final name, and then the directory is `fsync`ed.
+//! extents whose first write would be a metadata change), given its header,
+//! `fsync`ed, renamed to its final name, and then the directory is `fsync`ed.
 //! Only then may a record be written into it. Writes never grow the file.
 //! The first part (prepare) is slow and runs ahead of need on a helper
 //! thread; the second (install: rename, directory fsync) is quick.
@@ -29,6 +27,8 @@ pub const SEGMENT_HEADER_LEN: u64 = 64;
 pub const SEGMENT_SUFFIX: &str = ".seg";
 /// File name suffix of a segment being prepared (removed by recovery).
 pub const PREP_SUFFIX: &str = ".seg.prep";
+/// Zero-fill chunk: large enough to be efficient, small enough to be cheap.
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
 /// Identifies a segment: the writer stream it belongs to and its index in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -186,7 +186,13 @@ pub fn prepare_segment(
     let prep = dir.join(id.prep_name());
     let result = (|| {
         let mut file = storage.create(&prep)?;
-        file.zero_fill(capacity)?;
+        let zeros = vec![0u8; ZERO_CHUNK_BYTES];
+        let mut at = 0u64;
+        while at < capacity {
+            let n = (capacity - at).min(ZERO_CHUNK_BYTES as u64) as usize;
+            file.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
         let header = SegmentHeader {
             id,
             capacity,
