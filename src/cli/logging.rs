@@ -129,8 +129,14 @@ pub fn init(config: &Config) -> LogGuard {
         ready: Condvar::new(),
         dropped: AtomicU64::new(0),
     });
+    // No ANSI sanitization in the subscriber: it escapes character by
+    // character, several percent of a loaded server's CPU with a line per
+    // recipient. Client-supplied text (the delivery lines' addresses) is
+    // escaped where it is logged (`lmtp_ingest::io::log_safe`); every other
+    // line holds the server's own text.
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi_sanitization(false)
         .with_writer(Sink(shared.clone()));
     let _ = if config.log.format == "json" {
         fmt.json().try_init()

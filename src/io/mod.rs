@@ -89,6 +89,34 @@ pub enum LogFormat {
 /// `deferred` (the 4xx the client got; nothing stored, the queue id reads
 /// `NOQUEUE`). With [`LogFormat::Json`] the same items are separate fields.
 /// Stored messages log at `info`, others at `warn`.
+/// `s` with every character a terminal could act on written as an escape
+/// (`\x1b`, `\u{9b}`): C0 controls, DEL and the C1 controls U+0080 to
+/// U+009F. Addresses are client-supplied: the parser admits no ASCII control,
+/// but with SMTPUTF8 a C1 control is valid UTF-8. The log subscriber does not
+/// sanitize (its character-by-character escaping cost several percent of a
+/// loaded server's CPU), so client text is made safe here, borrowed when
+/// already clean (the usual case).
+pub fn log_safe(s: &str) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| c.is_control(); // Cc: U+0000-001F, U+007F-009F
+    if !s.chars().any(bad) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if bad(c) {
+            use std::fmt::Write;
+            let _ = if (c as u32) < 0x80 {
+                write!(out, "\\x{:02x}", c as u32)
+            } else {
+                write!(out, "\\u{{{:x}}}", c as u32)
+            };
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 pub fn log_delivery(shard: usize, format: LogFormat, d: &core::Delivered) {
     use crate::proto::reply::{self, Delivery};
     // Nothing to format when the filter drops these lines (perf showed the
@@ -112,35 +140,54 @@ pub fn log_delivery(shard: usize, format: LogFormat, d: &core::Delivered) {
         d.commit_latency.as_secs_f64()
     );
     let session = format!("{:x}.{}", d.session_id, d.transaction);
+    let sender = log_safe(&d.sender);
     let mut buf = Vec::with_capacity(128);
     for rcpt in &d.rcpts {
         buf.clear();
         reply::delivery(&mut buf, rcpt, delivery);
         let text = String::from_utf8_lossy(buf.trim_ascii_end());
+        let (rcpt, text) = (log_safe(rcpt), log_safe(&text));
         let dsn = text.split(' ').nth(1).unwrap_or("");
         match (format, status) {
             (LogFormat::Text, "sent") => tracing::info!(
                 target: "delivery",
                 "{queue_id}: to=<{rcpt}>, client={}, from={}, size={}, delay={delay:.4}, delays={delays}, dsn={dsn}, status={status} ({text})",
-                d.peer, d.sender, d.body_bytes
+                d.peer, sender, d.body_bytes
             ),
             (LogFormat::Text, _) => tracing::warn!(
                 target: "delivery",
                 "{queue_id}: to=<{rcpt}>, client={}, from={}, size={}, delay={delay:.4}, delays={delays}, dsn={dsn}, status={status} ({text})",
-                d.peer, d.sender, d.body_bytes
+                d.peer, sender, d.body_bytes
             ),
             (LogFormat::Json, "sent") => tracing::info!(
                 target: "delivery",
-                queue_id = %queue_id, to = %rcpt, client = %d.peer, from = %d.sender,
+                queue_id = %queue_id, to = %rcpt, client = %d.peer, from = %sender,
                 size = d.body_bytes, delay, delays = %delays, dsn, status, reply = %text,
                 shard, session = %session, "delivery"
             ),
             (LogFormat::Json, _) => tracing::warn!(
                 target: "delivery",
-                queue_id = %queue_id, to = %rcpt, client = %d.peer, from = %d.sender,
+                queue_id = %queue_id, to = %rcpt, client = %d.peer, from = %sender,
                 size = d.body_bytes, delay, delays = %delays, dsn, status, reply = %text,
                 shard, session = %session, "delivery"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_safe;
+
+    #[test]
+    fn log_safe_escapes_what_a_terminal_would_act_on() {
+        assert!(matches!(
+            log_safe("bob+x@example.org"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(log_safe("ü@exämple.org"), "ü@exämple.org");
+        assert_eq!(log_safe("a\u{1b}[2Jb"), "a\\x1b[2Jb");
+        assert_eq!(log_safe("a\u{9b}31mb\u{7f}"), "a\\u{9b}31mb\\x7f");
+        assert_eq!(log_safe("\r\n"), "\\x0d\\x0a");
     }
 }
