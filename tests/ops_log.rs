@@ -208,3 +208,31 @@ fn level_comes_from_the_config_when_rust_log_is_unset() {
     assert!(deliveries.contains("to=<a@example.org>"), "{deliveries}");
     assert!(!deliveries.contains("lmtp-ingest ready"), "{deliveries}");
 }
+
+/// A client can put a C1 control character (valid UTF-8, so valid in an
+/// SMTPUTF8 address) into the addresses that delivery lines repeat: the log
+/// shows it escaped, never raw, so it cannot drive an operator's terminal.
+#[test]
+fn client_control_characters_are_escaped_in_delivery_lines() {
+    let mut server = start("ops-log-escape", "epoll", "");
+    let _dir = RemoveOnDrop(server.dir.clone());
+    let mut c = Client::tcp(&server.addr()).unwrap();
+    c.cmd("LHLO log.test", "250").unwrap();
+    c.cmd("MAIL FROM:<s\u{9b}31m@example.net> SMTPUTF8", "250")
+        .unwrap();
+    c.cmd("RCPT TO:<a\u{9b}2J@example.org>", "250").unwrap();
+    c.cmd("DATA", "354").unwrap();
+    c.send(b"x\r\n.\r\n").unwrap();
+    let r = c.reply().unwrap();
+    assert!(r.starts_with("250 "), "{r}");
+    c.cmd("QUIT", "221").unwrap();
+    let line = server
+        .wait_log("status=sent", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no delivery line: {:#?}", server.log_lines));
+    assert!(line.contains("to=<a\\u{9b}2J@example.org>"), "{line}");
+    assert!(line.contains("from=<s\\u{9b}31m@example.net>"), "{line}");
+    assert!(
+        !line.contains('\u{9b}'),
+        "raw C1 control in the log: {line:?}"
+    );
+}
