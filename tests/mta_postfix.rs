@@ -420,26 +420,56 @@ fn capped_mails(tag: &str) -> Vec<Mail> {
 
 const CAPPED: [&str; 2] = ["--spool-bytes-max", "3145728"];
 
+/// A capped server, a Postfix delivering to its UNIX socket, and the mail
+/// that filled the spool (see [`fill_to_the_cap`]).
+struct Capped {
+    dir: TestDir,
+    mails: Vec<Mail>,
+    srv_dir: std::path::PathBuf,
+    config: Vec<String>,
+    server: Server,
+    pf: Postfix,
+}
+
+fn start_capped(name: &str, tag: &str, io: &str) -> Capped {
+    let dir = TestDir::new(name);
+    let mails = capped_mails(tag);
+    let srv_dir = dir.0.join("lmtp");
+    std::fs::create_dir_all(&srv_dir).unwrap();
+    let config = server_config(&srv_dir, None);
+    let server = start_server(&srv_dir, io, &config, &CAPPED);
+    // The UNIX socket's path survives a restart (a TCP port 0 would not).
+    let next = Next::Unix(server.socket.clone());
+    let pf = Postfix::start(
+        &dir.0.join("postfix"),
+        &ingest_main_cf(&next),
+        INGEST_MASTER_CF,
+    );
+    fill_to_the_cap(&pf, &server.spool, &mails);
+    Capped {
+        dir,
+        mails,
+        srv_dir,
+        config,
+        server,
+        pf,
+    }
+}
+
 #[test]
 fn at_the_size_cap_postfix_defers_and_redelivers_exactly_once_after_a_restart() {
     if !mta_postfix_util::can_run_postfix() {
         return;
     }
     for io in backends() {
-        let dir = TestDir::new(&format!("cap-restart-{io}"));
-        let mails = capped_mails("caprestart");
-        let srv_dir = dir.0.join("lmtp");
-        std::fs::create_dir_all(&srv_dir).unwrap();
-        let config = server_config(&srv_dir, None);
-        let mut server = start_server(&srv_dir, io, &config, &CAPPED);
-        // The UNIX socket's path survives the restart (a TCP port 0 would not).
-        let next = Next::Unix(server.socket.clone());
-        let pf = Postfix::start(
-            &dir.0.join("postfix"),
-            &ingest_main_cf(&next),
-            INGEST_MASTER_CF,
-        );
-        fill_to_the_cap(&pf, &server.spool, &mails);
+        let Capped {
+            dir: _dir,
+            mails,
+            srv_dir,
+            config,
+            mut server,
+            pf,
+        } = start_capped(&format!("cap-restart-{io}"), "caprestart", io);
         // Space returns: the same spool, restarted with a larger cap.
         assert!(server.stop().success());
         drop(server);
@@ -459,19 +489,13 @@ fn at_the_size_cap_postfix_redelivers_exactly_once_when_a_consumer_frees_space()
         return;
     }
     for io in backends() {
-        let dir = TestDir::new(&format!("cap-consumer-{io}"));
-        let mails = capped_mails("capconsumer");
-        let srv_dir = dir.0.join("lmtp");
-        std::fs::create_dir_all(&srv_dir).unwrap();
-        let config = server_config(&srv_dir, None);
-        let mut server = start_server(&srv_dir, io, &config, &CAPPED);
-        let next = Next::Unix(server.socket.clone());
-        let pf = Postfix::start(
-            &dir.0.join("postfix"),
-            &ingest_main_cf(&next),
-            INGEST_MASTER_CF,
-        );
-        fill_to_the_cap(&pf, &server.spool, &mails);
+        let Capped {
+            dir: _dir,
+            mails,
+            mut server,
+            pf,
+            ..
+        } = start_capped(&format!("cap-consumer-{io}"), "capconsumer", io);
         // A consumer reads what is stored; retention then removes the
         // segments it has passed, and the server (not restarted) takes mail
         // again. It keeps reading while Postfix redelivers.
