@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use super::clock::{End, ShardClock, TICK, Turn};
 use super::core::{ShardCore, Slot};
 use super::listen::Listener;
 use super::sys::Epoll;
@@ -32,8 +33,6 @@ const TOKEN_LISTENER_BASE: u64 = u64::MAX - 1;
 const READ_BUF_BYTES: usize = 64 * 1024;
 const READS_PER_TURN: usize = 4;
 const EVENTS_MAX: usize = 512;
-/// Timeouts are minutes; checking them every second is plenty.
-const TICK: Duration = Duration::from_secs(1);
 
 /// The shard's eventfd: writer threads write to it to wake the loop.
 pub struct Waker {
@@ -137,18 +136,39 @@ struct Loop<'a> {
     accept_paused_until: Option<Instant>,
 }
 
+impl Turn for Loop<'_> {
+    fn core(&mut self) -> &mut ShardCore {
+        self.core
+    }
+    fn log_deliveries(&mut self) {
+        Loop::log_deliveries(self);
+    }
+    fn stop_listening(&mut self) {
+        Loop::stop_listening(self);
+    }
+    fn resume_listening(&mut self) {
+        Loop::resume_listening(self);
+    }
+    fn accept_paused_until(&mut self) -> &mut Option<Instant> {
+        &mut self.accept_paused_until
+    }
+}
+
 impl Loop<'_> {
     fn run(&mut self) -> io::Result<()> {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_MAX];
         // epoll_pwait2 (microsecond timeouts) until the kernel says ENOSYS.
         let mut precise = true;
-        let mut next_tick = Instant::now() + TICK;
-        let mut shutdown_deadline: Option<Instant> = None;
+        let mut clock = ShardClock::new(
+            self.params.shard_id,
+            self.params.shutdown.clone(),
+            self.params.shutdown_grace,
+            Instant::now(),
+        );
         let mut was_paused = false;
         loop {
-            let wake_at = shutdown_deadline.map_or(next_tick, |d| d.min(next_tick));
             let timeout = if self.readq.is_empty() {
-                wake_at.saturating_duration_since(Instant::now())
+                clock.wait_for(Instant::now())
             } else {
                 Duration::ZERO
             };
@@ -179,24 +199,9 @@ impl Loop<'_> {
                     }
                 }
             }
-            if woke {
-                self.core.drain_completions(now);
-                self.log_deliveries();
-            }
-            if self.params.shutdown.load(Ordering::Acquire) && shutdown_deadline.is_none() {
-                shutdown_deadline = Some(now + self.params.shutdown_grace);
-                self.stop_listening();
-                self.core.begin_shutdown();
-            }
+            clock.after_wait(self, now, woke);
             self.read_turn(now);
-            if now >= next_tick {
-                next_tick = now + TICK;
-                self.core.handle_timeouts(now);
-                if self.accept_paused_until.is_some_and(|t| now >= t) {
-                    self.accept_paused_until = None;
-                    self.resume_listening();
-                }
-            }
+            clock.tick(self, now);
             self.service_dirty();
             // Outcomes, or a client leaving with a message that was waiting
             // for the spool, can lift the memory bound: connections skipped
@@ -206,23 +211,15 @@ impl Loop<'_> {
                 self.requeue_readable();
             }
             was_paused = paused;
-            if let Some(deadline) = shutdown_deadline {
-                if self.core.slots_in_use() == 0 {
-                    return Ok(());
-                }
-                if now >= deadline {
-                    tracing::warn!(
-                        shard = self.params.shard_id,
-                        open = self.core.slots_in_use(),
-                        "shutdown grace period over; closing the remaining connections"
-                    );
+            match clock.end(self.core, now) {
+                None => {}
+                Some(End::Drained) => return Ok(()),
+                Some(End::GraceOver) => {
                     for slot in 0..self.socks.len() {
                         if self.socks[slot].is_some() {
                             self.close(slot);
                         }
                     }
-                    // Messages still with the spool are committed by it; their
-                    // clients are gone and will retry.
                     return Ok(());
                 }
             }

@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
+use super::clock::{End, ShardClock, TICK, Turn};
 use super::core::{ShardCore, Slot};
 use super::epoll::{self, ShardParams};
 use bufring::BufRing;
@@ -60,8 +61,6 @@ const CQ_ENTRIES: u32 = 8192;
 const RECV_BUFS: u16 = 512;
 const RECV_BUF_BYTES: usize = 16 * 1024;
 const BGID: u16 = 0;
-/// Timeouts are minutes; checking them every second is plenty (as epoll).
-const TICK: Duration = Duration::from_secs(1);
 /// Submits tried when the SQ is full before giving up on the ring.
 const SUBMIT_RETRIES_MAX: usize = 10_000;
 /// How long the final teardown waits for cancelled ops to complete.
@@ -184,51 +183,47 @@ struct UringStats {
     partial_sends: u64,
 }
 
+impl Turn for Loop<'_> {
+    fn core(&mut self) -> &mut ShardCore {
+        self.core
+    }
+    fn log_deliveries(&mut self) {
+        Loop::log_deliveries(self);
+    }
+    fn stop_listening(&mut self) {
+        Loop::stop_listening(self);
+    }
+    fn resume_listening(&mut self) {
+        Loop::resume_listening(self);
+    }
+    fn accept_paused_until(&mut self) -> &mut Option<Instant> {
+        &mut self.accept_paused_until
+    }
+}
+
 impl Loop<'_> {
     fn run(&mut self) -> io::Result<()> {
         self.arm_wake();
         for i in 0..self.accept_armed.len() {
             self.arm_accept(i);
         }
-        let mut next_tick = Instant::now() + TICK;
-        let mut shutdown_deadline: Option<Instant> = None;
+        let mut clock = ShardClock::new(
+            self.params.shard_id,
+            self.params.shutdown.clone(),
+            self.params.shutdown_grace,
+            Instant::now(),
+        );
         loop {
-            let timeout = next_tick.saturating_duration_since(Instant::now());
-            self.wait(timeout)?;
+            self.wait(clock.wait_for(Instant::now()))?;
             let now = Instant::now();
             let woke = self.reap(now);
-            if woke {
-                self.core.drain_completions(now);
-                self.log_deliveries();
-            }
-            if self.params.shutdown.load(Ordering::Acquire) && shutdown_deadline.is_none() {
-                shutdown_deadline = Some(now + self.params.shutdown_grace);
-                self.stop_listening();
-                self.core.begin_shutdown();
-            }
-            if now >= next_tick {
-                next_tick = now + TICK;
-                self.core.handle_timeouts(now);
-                if self.accept_paused_until.is_some_and(|t| now >= t) {
-                    self.accept_paused_until = None;
-                    self.resume_listening();
-                }
-            }
+            clock.after_wait(self, now, woke);
+            clock.tick(self, now);
             self.service_dirty();
-            if let Some(deadline) = shutdown_deadline {
-                if self.core.slots_in_use() == 0 {
-                    return Ok(());
-                }
-                if now >= deadline {
-                    tracing::warn!(
-                        shard = self.params.shard_id,
-                        open = self.core.slots_in_use(),
-                        "shutdown grace period over; closing the remaining connections"
-                    );
-                    // Messages still with the spool are committed by it; their
-                    // clients are gone and will retry. Teardown closes.
-                    return Ok(());
-                }
+            match clock.end(self.core, now) {
+                None => {}
+                // Grace over: teardown closes what is left.
+                Some(End::Drained | End::GraceOver) => return Ok(()),
             }
         }
     }
