@@ -77,19 +77,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// One log line per recipient of a message whose outcome arrived, under the
-/// `delivery` target, in the shape operators know from Postfix:
-///
-/// ```text
-/// 01JD3...: to=<alice@example.org>, client=192.0.2.7:41822, from=<s@example.net>, size=600,
-///   delay=0.0042, delays=0.0001/0.0041, dsn=2.0.0, status=sent (250 2.0.0 <alice@example.org> 01JD3... Saved)
-/// ```
-///
-/// `delay`: final dot to reply, in seconds; `delays`: waiting for room in
-/// the spool's queue / write and fdatasync. `status` is `sent` (stored) or
-/// `deferred` (the 4xx the client got; nothing stored, the queue id reads
-/// `NOQUEUE`). With [`LogFormat::Json`] the same items are separate fields.
-/// Stored messages log at `info`, others at `warn`.
 /// `s` with every character a terminal could act on written as an escape
 /// (`\x1b`, `\u{9b}`): C0 controls, DEL and the C1 controls U+0080 to
 /// U+009F. Addresses are client-supplied: the parser admits no ASCII control,
@@ -118,6 +105,19 @@ pub fn log_safe(s: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// One log line per recipient of a message whose outcome arrived, under the
+/// `delivery` target, in the shape operators know from Postfix:
+///
+/// ```text
+/// 01JD3...: to=<alice@example.org>, client=192.0.2.7:41822, from=<s@example.net>, size=600,
+///   delay=0.0042, delays=0.0001/0.0041, dsn=2.0.0, status=sent (250 2.0.0 <alice@example.org> 01JD3... Saved)
+/// ```
+///
+/// `delay`: final dot to reply, in seconds; `delays`: waiting for room in
+/// the spool's queue / write and fdatasync. `status` is `sent` (stored) or
+/// `deferred` (the 4xx the client got; nothing stored, the queue id reads
+/// `NOQUEUE`). With [`LogFormat::Json`] the same items are separate fields.
+/// Stored messages log at `info`, others at `warn`.
 pub fn log_delivery(shard: usize, format: LogFormat, d: &core::Delivered) {
     use crate::proto::reply::{self, Delivery};
     // Nothing to format when the filter drops these lines (perf showed the

@@ -330,9 +330,6 @@ impl Session {
 
     // ---- commands ------------------------------------------------------------
 
-    /// The server is stopping: an idle session gets `421 4.3.2` now; one in
-    /// the middle of a transaction finishes it (the message is committed and
-    /// answered) and gets the 421 then. The caller bounds how long it waits.
     /// Tells the session whether the spool has room. While it has none, MAIL
     /// answers `452 4.3.1` so the client keeps the message queued without
     /// sending its data first; a transaction already open goes on (its
@@ -341,6 +338,9 @@ impl Session {
         self.storage_full = full;
     }
 
+    /// The server is stopping: an idle session gets `421 4.3.2` now; one in
+    /// the middle of a transaction finishes it (the message is committed and
+    /// answered) and gets the 421 then. The caller bounds how long it waits.
     pub fn begin_shutdown(&mut self) {
         self.shutting_down = true;
         self.shutdown_if_idle();
