@@ -300,6 +300,13 @@ pub(crate) struct Shared {
     maintenance_stop: (Mutex<bool>, Condvar),
 }
 
+impl Shared {
+    /// Any writer refusing work for lack of space (or the size cap).
+    fn is_storage_full(&self) -> bool {
+        self.full.iter().any(|f| f.load(Ordering::Relaxed))
+    }
+}
+
 /// Read-only access to the spool's counters and queues for the metrics
 /// endpoint; outlives nothing (the writers may stop while it is held).
 pub struct MetricsSource {
@@ -438,7 +445,7 @@ impl Spool {
     /// system and under the cap; if the next batch still fails (a quota, say),
     /// it is set again.
     pub fn is_storage_full(&self) -> bool {
-        self.shared.full.iter().any(|f| f.load(Ordering::Relaxed))
+        self.shared.is_storage_full()
     }
 
     /// What the metrics endpoint reads, from its own thread.
@@ -536,7 +543,7 @@ fn run_maintenance(shared: &Shared) {
             .retention_removed
             .fetch_add(rep.removed.len() as u64, Ordering::Relaxed);
     }
-    if shared.full.iter().any(|f| f.load(Ordering::Relaxed)) && has_room(shared) {
+    if shared.is_storage_full() && has_room(shared) {
         for f in &shared.full {
             f.store(false, Ordering::Relaxed);
         }
@@ -592,7 +599,7 @@ pub struct Producer {
 impl Producer {
     /// [`Spool::is_storage_full`], for the shard that owns this producer.
     pub fn is_storage_full(&self) -> bool {
-        self.shared.full.iter().any(|f| f.load(Ordering::Relaxed))
+        self.shared.is_storage_full()
     }
 
     /// Hands `message` to a writer without blocking: its home writer, or any
