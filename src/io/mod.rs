@@ -144,10 +144,12 @@ pub fn log_delivery(shard: usize, format: LogFormat, d: &core::Delivered) {
     let sender = log_safe(&d.sender);
     let mut buf = Vec::with_capacity(128);
     for rcpt in &d.rcpts {
+        // The reply's only client text is the address: build it from the
+        // escaped one, and the whole line is safe.
+        let rcpt = log_safe(rcpt);
         buf.clear();
-        reply::delivery(&mut buf, rcpt, delivery);
+        reply::delivery(&mut buf, &rcpt, delivery);
         let text = String::from_utf8_lossy(buf.trim_ascii_end());
-        let (rcpt, text) = (log_safe(rcpt), log_safe(&text));
         let dsn = text.split(' ').nth(1).unwrap_or("");
         match (format, status) {
             (LogFormat::Text, "sent") => tracing::info!(
