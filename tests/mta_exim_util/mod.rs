@@ -14,10 +14,12 @@
 
 use std::ffi::CString;
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::server_util::free_port;
 
 /// Longest any one Exim command (a submission, a queue run) may take.
 pub const EXIM_CMD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -83,14 +85,6 @@ pub fn user_ids(name: &str) -> Option<(u32, u32)> {
     let rc =
         unsafe { libc::getpwnam_r(c.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut found) };
     (rc == 0 && !found.is_null()).then_some((pw.pw_uid, pw.pw_gid))
-}
-
-/// A port on 127.0.0.1 that was free a moment ago (bound, then released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
 }
 
 /// What a bounded command left behind.

@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::server_util::free_port;
+
 /// A directory for one test under target/, removed on drop unless the test
 /// is failing (then it keeps Postfix's log, queue and our spool as evidence).
 pub struct TestDir(pub PathBuf);
@@ -53,15 +55,6 @@ pub fn can_run_postfix() -> bool {
         eprintln!("skipped: a private Postfix instance needs root (as .ci/run has)");
     }
     root
-}
-
-/// A loopback port that was free a moment ago (bound to port 0, then closed).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Where Postfix delivers: our TCP listener or our UNIX socket.

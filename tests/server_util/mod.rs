@@ -27,6 +27,15 @@ pub struct Server {
     pub log_lines: Vec<String>,
 }
 
+/// A port on 127.0.0.1 that was free a moment ago (bound to port 0, then
+/// released), for a peer (Postfix, Exim) that must be told its port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
 /// A fresh directory under target/ for one test.
 pub fn test_dir(name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
