@@ -146,6 +146,10 @@ pub struct ServerSection {
     pub unix_socket_group: String,
     /// After SIGTERM: how long transactions in flight may take to finish.
     pub shutdown_grace_secs: u64,
+    /// How long a shard that ran out of work polls for more before it
+    /// sleeps, in microseconds, while recent idle gaps were mostly that
+    /// short (adaptive; see `io::idle_poll`). 0: always sleep at once.
+    pub idle_poll_us: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -198,6 +202,7 @@ impl Default for ServerSection {
             unix_socket_owner: String::new(),
             unix_socket_group: String::new(),
             shutdown_grace_secs: 30,
+            idle_poll_us: 30,
         }
     }
 }
@@ -269,6 +274,8 @@ pub struct Checked {
     pub allow: Vec<Arc<AllowList>>,
     pub policy: PolicySpec,
     pub log_format: LogFormat,
+    /// `server.idle_poll_us`.
+    pub idle_poll: Duration,
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
@@ -321,6 +328,19 @@ impl Config {
                     .map_err(|e| bad("server.listen", e, "fix the address"))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let idle_poll_max = crate::io::idle_poll::WINDOW_MAX.as_micros() as u64;
+        if self.server.idle_poll_us > idle_poll_max {
+            return Err(bad(
+                "server.idle_poll_us",
+                format!(
+                    "{} µs of polling costs more CPU than the sleep and wake-up it saves",
+                    self.server.idle_poll_us
+                ),
+                format!(
+                    "use 0 to {idle_poll_max} (default 30; 0 where CPU time is billed or shared, see tuning/README.md)"
+                ),
+            ));
+        }
         if self.server.connections_max == 0 {
             return Err(bad(
                 "server.connections_max",
@@ -458,6 +478,7 @@ impl Config {
             allow,
             policy,
             log_format,
+            idle_poll: Duration::from_micros(self.server.idle_poll_us),
             metrics_listen,
         })
     }
@@ -609,6 +630,24 @@ mod tests {
         assert_eq!(checked.unix_socket_mode, 0o660);
         let text = c.to_toml();
         assert_eq!(Config::from_toml(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn idle_poll_window() {
+        assert_eq!(
+            Config::default().check().unwrap().idle_poll,
+            Duration::from_micros(30)
+        );
+        let c = Config::from_toml("[server]\nidle_poll_us = 0\n").unwrap();
+        assert_eq!(c.check().unwrap().idle_poll, Duration::ZERO);
+        let c = Config::from_toml("[server]\nidle_poll_us = 1000\n").unwrap();
+        assert_eq!(c.check().unwrap().idle_poll, Duration::from_millis(1));
+        let c = Config::from_toml("[server]\nidle_poll_us = 1001\n").unwrap();
+        let e = c.check().unwrap_err().to_string();
+        assert!(
+            e.starts_with("server.idle_poll_us:") && e.contains("use 0 to 1000"),
+            "{e}"
+        );
     }
 
     #[test]

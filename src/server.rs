@@ -281,6 +281,7 @@ pub fn start(config: &Config) -> Result<Running, String> {
             shutdown: shutdown.clone(),
             shutdown_grace: Duration::from_secs(config.server.shutdown_grace_secs),
             delivery_log: checked.log_format,
+            idle_poll: checked.idle_poll,
         };
         let handle = std::thread::Builder::new()
             .name(format!("shard-{shard_id}"))

@@ -6,13 +6,10 @@
 
 mod server_util;
 
-use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use server_util::{Client, Server, backends, body_for, test_dir};
+use server_util::{Client, Server, backends, body_for, http_get as get, scrape, test_dir};
 
 /// Removes a test's directory when dropped: its spool holds preallocated
 /// segments, and a full test run would otherwise leave gigabytes behind.
@@ -22,29 +19,6 @@ impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// `GET path`; returns (status line, body).
-fn get(addr: &str, path: &str) -> (String, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_string(), body.to_string())
-}
-
-fn scrape(addr: &str) -> HashMap<String, f64> {
-    let (status, body) = get(addr, "/metrics");
-    assert_eq!(status, "HTTP/1.1 200 OK");
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (k, v) = l.rsplit_once(' ').unwrap();
-            (k.to_string(), v.parse::<f64>().unwrap())
-        })
-        .collect()
 }
 
 #[test]

@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// Seconds to wait for a command, or for more message data.
     #[arg(long, value_name = "SECS")]
     idle_timeout: Option<u64>,
+    /// How long an idle shard polls for work before sleeping, in
+    /// microseconds (adaptive; 0: never).
+    #[arg(long, value_name = "US")]
+    idle_poll_us: Option<u64>,
     /// Longest a spool writer waits to grow a batch, in microseconds.
     #[arg(long, value_name = "US")]
     batch_delay_us_max: Option<u64>,
@@ -118,6 +122,9 @@ impl ServeArgs {
         if let Some(v) = self.idle_timeout {
             c.limits.idle_timeout_secs = v;
             c.limits.data_timeout_secs = v;
+        }
+        if let Some(v) = self.idle_poll_us {
+            c.server.idle_poll_us = v;
         }
         if let Some(v) = self.batch_delay_us_max {
             c.spool.batch_delay_us_max = v;

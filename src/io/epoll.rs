@@ -24,8 +24,10 @@ use std::time::{Duration, Instant};
 
 use super::clock::{End, ShardClock, TICK, Turn};
 use super::core::{ShardCore, Slot};
+use super::idle_poll::{self, IdlePoll};
 use super::listen::Listener;
 use super::sys::Epoll;
+use crate::metrics::bump;
 
 const TOKEN_WAKE: u64 = u64::MAX;
 /// Listener `i` has token `TOKEN_LISTENER_BASE - i`.
@@ -89,6 +91,8 @@ pub struct ShardParams {
     pub shutdown_grace: Duration,
     /// How delivery log lines are written.
     pub delivery_log: super::LogFormat,
+    /// The idle poll window (`server.idle_poll_us`); zero: off.
+    pub idle_poll: Duration,
 }
 
 /// Runs one shard until shutdown completes.
@@ -112,6 +116,7 @@ pub fn run_shard(mut core: ShardCore, params: ShardParams) -> io::Result<()> {
     let mut lp = Loop {
         core: &mut core,
         ep,
+        idle: IdlePoll::new(params.idle_poll),
         params,
         socks: Vec::new(),
         readq: VecDeque::new(),
@@ -134,6 +139,7 @@ struct Loop<'a> {
     listening: bool,
     /// After EMFILE/ENFILE the listeners rest a moment instead of spinning.
     accept_paused_until: Option<Instant>,
+    idle: IdlePoll,
 }
 
 impl Turn for Loop<'_> {
@@ -172,7 +178,11 @@ impl Loop<'_> {
             } else {
                 Duration::ZERO
             };
-            let n = self.ep.wait(&mut events, timeout, &mut precise)?;
+            let n = if timeout.is_zero() {
+                self.ep.wait(&mut events, timeout, &mut precise)?
+            } else {
+                self.idle_then_wait(&mut events, timeout, &mut precise)?
+            };
             let now = Instant::now();
             let mut woke = false;
             for ev in &events[..n] {
@@ -224,6 +234,42 @@ impl Loop<'_> {
                 }
             }
         }
+    }
+
+    /// Out of work: polls for the adaptive idle window (see `idle_poll`),
+    /// then waits.
+    fn idle_then_wait(
+        &mut self,
+        events: &mut [libc::epoll_event],
+        timeout: Duration,
+        precise: &mut bool,
+    ) -> io::Result<usize> {
+        let window = self.idle.next_window();
+        if !window.is_zero() {
+            let mut n = 0;
+            let mut failed = None;
+            let ep = &self.ep;
+            let found = idle_poll::poll(window, || {
+                match ep.wait(events, Duration::ZERO, precise) {
+                    Ok(k) => n = k,
+                    Err(e) => failed = Some(e),
+                }
+                n > 0 || failed.is_some()
+            });
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            let m = self.core.metrics_ref();
+            if found {
+                bump(&m.idle_polls_hit, 1);
+                self.idle.record(true);
+                return Ok(n);
+            }
+            bump(&m.idle_polls_missed, 1);
+            self.idle.record(false);
+        }
+        bump(&self.core.metrics_ref().idle_sleeps, 1);
+        self.ep.wait(events, timeout, precise)
     }
 
     fn accept_all(&mut self, now: Instant, i: usize) {

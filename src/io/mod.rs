@@ -8,6 +8,7 @@
 pub mod clock;
 pub mod core;
 pub mod epoll;
+pub mod idle_poll;
 pub mod listen;
 pub mod sys;
 // io_uring backend (branch uring).

@@ -112,6 +112,11 @@ pub struct ShardMetrics {
     pub messages_refused_bare_line_endings: AtomicU64,
     /// Gauge.
     pub inflight_bytes: AtomicU64,
+    /// Idle polls (`io::idle_poll`) that found work, and that gave up.
+    pub idle_polls_hit: AtomicU64,
+    pub idle_polls_missed: AtomicU64,
+    /// Times the event loop blocked in the kernel waiting for work.
+    pub idle_sleeps: AtomicU64,
     replies: Box<[AtomicU64; REPLY_CODES]>,
     pub dot_to_reply_ns: Histogram,
 }
@@ -130,6 +135,9 @@ impl Default for ShardMetrics {
             bare_lf: AtomicU64::new(0),
             messages_refused_bare_line_endings: AtomicU64::new(0),
             inflight_bytes: AtomicU64::new(0),
+            idle_polls_hit: AtomicU64::new(0),
+            idle_polls_missed: AtomicU64::new(0),
+            idle_sleeps: AtomicU64::new(0),
             replies: Box::new(std::array::from_fn(|_| AtomicU64::new(0))),
             dot_to_reply_ns: Histogram::default(),
         }
@@ -283,6 +291,27 @@ impl Registry {
             "Body bytes handed to the spool and not yet committed.",
             "gauge",
             sum(|s| &s.inflight_bytes),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP lmtp_ingest_shard_idle_polls_total Times a shard out of work polled for more before sleeping (server.idle_poll_us): result=\"hit\" (work came within the window), result=\"miss\" (it slept after all).\n# TYPE lmtp_ingest_shard_idle_polls_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "lmtp_ingest_shard_idle_polls_total{{result=\"hit\"}} {}",
+            sum(|s| &s.idle_polls_hit)
+        );
+        let _ = writeln!(
+            out,
+            "lmtp_ingest_shard_idle_polls_total{{result=\"miss\"}} {}",
+            sum(|s| &s.idle_polls_missed)
+        );
+        counter(
+            &mut out,
+            "lmtp_ingest_shard_sleeps_total",
+            "Times a shard blocked in the kernel waiting for work (each costs a wake-up later).",
+            "counter",
+            sum(|s| &s.idle_sleeps),
         );
         counter(
             &mut out,

@@ -131,6 +131,16 @@ impl Server {
         None
     }
 
+    /// The metrics endpoint's `IP:PORT`, from its start-up log line (the
+    /// server must have been started with `[metrics] listen`).
+    pub fn metrics_addr(&mut self) -> String {
+        let line = self
+            .wait_log("metrics endpoint listening", Duration::from_secs(10))
+            .expect("the metrics endpoint's log line");
+        let at = line.find("http://").unwrap() + 7;
+        line[at..].split('/').next().unwrap().to_string()
+    }
+
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
@@ -213,6 +223,31 @@ pub fn python(script: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+/// `GET path` over HTTP/1.1; returns (status line, body).
+pub fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// Every sample of the metrics endpoint at `addr`, by name with labels.
+pub fn scrape(addr: &str) -> std::collections::HashMap<String, f64> {
+    let (status, body) = http_get(addr, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap();
+            (k.to_string(), v.parse::<f64>().unwrap())
+        })
+        .collect()
 }
 
 /// Both backends, or the one named in LMTP_TEST_IO (epoll, uring or auto).

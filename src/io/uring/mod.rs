@@ -46,6 +46,8 @@ use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use super::clock::{End, ShardClock, TICK, Turn};
 use super::core::{ShardCore, Slot};
 use super::epoll::{self, ShardParams};
+use super::idle_poll::{self, IdlePoll};
+use crate::metrics::bump;
 use bufring::BufRing;
 use token::Kind;
 
@@ -95,7 +97,11 @@ impl Conn {
 /// set up its ring (the probe passed, but e.g. memory limits differ), the
 /// shard runs on epoll instead and says so.
 pub fn run_shard(mut core: ShardCore, params: ShardParams) -> io::Result<()> {
-    let (ring, mode) = match ring::build(SQ_ENTRIES, CQ_ENTRIES) {
+    let ring::Built {
+        ring,
+        mode,
+        pollable,
+    } = match ring::build(SQ_ENTRIES, CQ_ENTRIES) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(
@@ -118,6 +124,12 @@ pub fn run_shard(mut core: ShardCore, params: ShardParams) -> io::Result<()> {
         return epoll::run_shard(core, params);
     }
     tracing::debug!(shard = params.shard_id, mode, "io_uring shard loop");
+    // Without TASKRUN_FLAG pending work is invisible until the next enter.
+    let idle = IdlePoll::new(if pollable {
+        params.idle_poll
+    } else {
+        Duration::ZERO
+    });
     let listeners = params.listeners.len();
     let mut lp = Loop {
         core: &mut core,
@@ -137,6 +149,7 @@ pub fn run_shard(mut core: ShardCore, params: ShardParams) -> io::Result<()> {
         dirty: Vec::new(),
         cqes: Vec::new(),
         stats: UringStats::default(),
+        idle,
     };
     let result = lp.run();
     lp.teardown();
@@ -167,6 +180,7 @@ struct Loop<'a> {
     dirty: Vec<Slot>,
     cqes: Vec<(u64, i32, u32)>,
     stats: UringStats,
+    idle: IdlePoll,
 }
 
 /// Counters logged when the shard stops: how often the slow paths ran.
@@ -214,7 +228,7 @@ impl Loop<'_> {
             Instant::now(),
         );
         loop {
-            self.wait(clock.wait_for(Instant::now()))?;
+            self.idle_then_wait(clock.wait_for(Instant::now()))?;
             let now = Instant::now();
             let woke = self.reap(now);
             clock.after_wait(self, now, woke);
@@ -226,6 +240,39 @@ impl Loop<'_> {
                 Some(End::Drained | End::GraceOver) => return Ok(()),
             }
         }
+    }
+
+    /// Out of work: polls for the adaptive idle window (see `idle_poll`),
+    /// then waits.
+    fn idle_then_wait(&mut self, timeout: Duration) -> io::Result<()> {
+        if !self.ring.submission().is_empty() {
+            // Hand queued sends and re-armed recvs to the kernel first: the
+            // replies they carry are what the clients are waiting for, and a
+            // send that completes inline is work, not idleness. An error here
+            // comes back from the wait below.
+            let _ = self.ring.submit();
+        }
+        if !self.ring.completion().is_empty() || self.ring.submission().taskrun() {
+            // Not idle: the wait returns at once.
+            return self.wait(timeout);
+        }
+        let window = self.idle.next_window();
+        if !window.is_zero() {
+            let ring = &mut self.ring;
+            let found = idle_poll::poll(window, || {
+                ring.submission().taskrun() || !ring.completion().is_empty()
+            });
+            self.idle.record(found);
+            let m = self.core.metrics_ref();
+            if found {
+                bump(&m.idle_polls_hit, 1);
+                // Returns at once: the pending work makes the completion.
+                return self.wait(timeout);
+            }
+            bump(&m.idle_polls_missed, 1);
+        }
+        bump(&self.core.metrics_ref().idle_sleeps, 1);
+        self.wait(timeout)
     }
 
     /// Submits what is queued and waits for at least one completion or the

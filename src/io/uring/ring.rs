@@ -3,7 +3,8 @@
 //! `build` asks for the cheapest mode the kernel has: SINGLE_ISSUER +
 //! DEFER_TASKRUN (6.1: completions are produced only when the shard thread
 //! waits, no interrupts of the loop), else COOP_TASKRUN (5.19), else a plain
-//! ring. A refusal that is not about those flags (EPERM, ENOSYS, ENOMEM) is
+//! ring; each with TASKRUN_FLAG where the kernel takes it, so that the idle
+//! poll (`io::idle_poll`) can see pending work in the SQ ring's flags. A refusal that is not about those flags (EPERM, ENOSYS, ENOMEM) is
 //! returned at once.
 //!
 //! `probe` runs once, in the main thread, before any shard starts. It checks
@@ -26,26 +27,50 @@ use io_uring::{IoUring, cqueue, opcode, types};
 
 use super::bufring::BufRing;
 
-/// Builds a ring with the best task-run mode this kernel accepts; returns the
-/// ring and the mode's name for the banner.
-pub fn build(sq_entries: u32, cq_entries: u32) -> io::Result<(IoUring, &'static str)> {
+/// A ring and what its mode allows.
+pub struct Built {
+    pub ring: IoUring,
+    /// The mode's name for the log.
+    pub mode: &'static str,
+    /// Whether the loop can see new work without entering the kernel: the
+    /// ring sets IORING_SQ_TASKRUN when completions wait to be produced (or,
+    /// plain, posts them itself), so idle polling is a memory read.
+    pub pollable: bool,
+}
+
+/// Builds a ring with the best task-run mode this kernel accepts.
+pub fn build(sq_entries: u32, cq_entries: u32) -> io::Result<Built> {
     type Flags = fn(&mut io_uring::Builder);
-    let attempts: [(&'static str, Flags); 3] = [
-        ("single_issuer+defer_taskrun", |b| {
+    let attempts: [(&'static str, bool, Flags); 5] = [
+        ("single_issuer+defer_taskrun+taskrun_flag", true, |b| {
+            b.setup_single_issuer()
+                .setup_defer_taskrun()
+                .setup_taskrun_flag();
+        }),
+        ("single_issuer+defer_taskrun", false, |b| {
             b.setup_single_issuer().setup_defer_taskrun();
         }),
-        ("coop_taskrun", |b| {
+        ("coop_taskrun+taskrun_flag", true, |b| {
+            b.setup_coop_taskrun().setup_taskrun_flag();
+        }),
+        ("coop_taskrun", false, |b| {
             b.setup_coop_taskrun();
         }),
-        ("plain", |_| {}),
+        ("plain", true, |_| {}),
     ];
     let mut last = None;
-    for (mode, flags) in attempts {
+    for (mode, pollable, flags) in attempts {
         let mut b = IoUring::builder();
         b.setup_cqsize(cq_entries);
         flags(&mut b);
         match b.build(sq_entries) {
-            Ok(ring) => return Ok((ring, mode)),
+            Ok(ring) => {
+                return Ok(Built {
+                    ring,
+                    mode,
+                    pollable,
+                });
+            }
             // EINVAL: this kernel does not know the flags; try fewer.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => last = Some(e),
             Err(e) => return Err(e),
@@ -81,7 +106,7 @@ pub fn explain_setup(e: &io::Error) -> String {
 /// Checks that the shard loop can run here. `Ok`: what was found, for the
 /// banner. `Err`: why not, with the likely cause.
 pub fn probe() -> Result<String, String> {
-    let (mut ring, mode) = build(8, 16).map_err(|e| explain_setup(&e))?;
+    let Built { mut ring, mode, .. } = build(8, 16).map_err(|e| explain_setup(&e))?;
     let mut p = io_uring::Probe::new();
     ring.submitter().register_probe(&mut p).map_err(|e| {
         format!(
