@@ -260,10 +260,14 @@ pub fn start(config: &Config) -> Result<Running, String> {
     let shutdown = Arc::new(AtomicBool::new(false));
     let connections = crate::io::core::ConnectionLimit::new(config.server.connections_max);
     let mut handles = Vec::new();
-    let mut wakers = Vec::new();
-    for (shard_id, (cpu, listeners)) in cpus.iter().copied().zip(listeners).enumerate() {
-        let waker = Waker::new().map_err(|e| format!("eventfd for shard {shard_id}: {e}"))?;
-        wakers.push(waker.clone());
+    let wakers = (0..cpus.len())
+        .map(|shard_id| Waker::new().map_err(|e| format!("eventfd for shard {shard_id}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (balance, inboxes) = crate::io::balance::Balance::new(&wakers);
+    for (shard_id, ((cpu, listeners), inbox)) in
+        cpus.iter().copied().zip(listeners).zip(inboxes).enumerate()
+    {
+        let waker = wakers[shard_id].clone();
         let w = waker.clone();
         let producer = spool.producer(Some(Arc::new(move || w.wake())));
         let core = ShardCore::new(
@@ -272,7 +276,8 @@ pub fn start(config: &Config) -> Result<Running, String> {
             shard_id as u16,
             config.server.shard_inflight_bytes_max as usize,
         )
-        .with_connection_limit(connections.clone());
+        .with_connection_limit(connections.clone())
+        .with_balance(balance.clone());
         shard_metrics.push(core.metrics());
         let params = ShardParams {
             shard_id,
@@ -282,6 +287,7 @@ pub fn start(config: &Config) -> Result<Running, String> {
             shutdown_grace: Duration::from_secs(config.server.shutdown_grace_secs),
             delivery_log: checked.log_format,
             idle_poll: checked.idle_poll,
+            inbox,
         };
         let handle = std::thread::Builder::new()
             .name(format!("shard-{shard_id}"))

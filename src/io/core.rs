@@ -164,6 +164,8 @@ pub struct ShardCore {
     metrics: Arc<ShardMetrics>,
     /// Open connections of the whole server (all shards).
     connections: Arc<ConnectionLimit>,
+    /// How connections are spread over the shards (`None`: a lone shard).
+    balance: Option<Arc<super::balance::Balance>>,
 }
 
 impl ShardCore {
@@ -191,6 +193,35 @@ impl ShardCore {
             stats: CoreStats::default(),
             metrics: Arc::new(ShardMetrics::default()),
             connections: ConnectionLimit::new(usize::MAX),
+            balance: None,
+        }
+    }
+
+    /// Joins the shards' connection balancing (`io::balance`): sessions
+    /// that end here are counted off this shard.
+    pub fn with_balance(mut self, balance: Arc<super::balance::Balance>) -> Self {
+        self.balance = Some(balance);
+        self
+    }
+
+    /// Where a connection this shard just accepted should go (see
+    /// `Balance::place`): `Some` to open it here.
+    pub fn place(
+        &self,
+        fd: std::os::fd::OwnedFd,
+        listener: usize,
+    ) -> Option<super::balance::Handoff> {
+        match &self.balance {
+            Some(b) => b.place(self.shard_id as usize, fd, listener),
+            None => Some(super::balance::Handoff { fd, listener }),
+        }
+    }
+
+    /// A connection counted on this shard by `place` ended: refused before
+    /// it became a session (allow-list, connection limit), or closed.
+    pub fn release_placement(&self) {
+        if let Some(b) = &self.balance {
+            b.release(self.shard_id as usize);
         }
     }
 
@@ -525,6 +556,9 @@ impl ShardCore {
         }
         self.stats.connections_open -= 1;
         self.connections.closed();
+        if let Some(b) = &self.balance {
+            b.release(self.shard_id as usize);
+        }
         conn.held = Vec::new();
         if let Some((_, message)) = conn.waiting.take() {
             // Never reached the spool: nothing stored, nothing owed. Its

@@ -93,6 +93,9 @@ pub struct ShardParams {
     pub delivery_log: super::LogFormat,
     /// The idle poll window (`server.idle_poll_us`); zero: off.
     pub idle_poll: Duration,
+    /// Sockets other shards accepted for this one (`io::balance`); woken
+    /// through `waker`.
+    pub inbox: crossbeam_channel::Receiver<super::balance::Handoff>,
 }
 
 /// Runs one shard until shutdown completes.
@@ -209,6 +212,9 @@ impl Loop<'_> {
                     }
                 }
             }
+            if woke {
+                self.adopt(now);
+            }
             clock.after_wait(self, now, woke);
             self.read_turn(now);
             clock.tick(self, now);
@@ -310,37 +316,54 @@ impl Loop<'_> {
             }
             // SAFETY: accept4 returned a fresh descriptor that we now own.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let Some(peer) = super::admit(
-                &fd,
-                &self.params.listeners[i].allow,
-                self.core.metrics_ref(),
-                self.core.connection_limit(),
-            ) else {
-                continue;
-            };
-            let slot = self.core.open(now, peer);
-            let events = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
-            if let Err(e) = self
-                .ep
-                .ctl(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), events, slot as u64)
-            {
-                tracing::warn!("epoll_ctl add: {e}");
-                self.core.hang_up(slot);
-                continue;
+            // Kept here, or handed to a shard with fewer connections.
+            if let Some(h) = self.core.place(fd, i) {
+                self.open(now, h.listener, h.fd);
             }
-            if self.socks.len() <= slot {
-                self.socks.resize_with(slot + 1, || None);
-            }
-            // Data may already be waiting; the edge for it may have passed.
-            self.socks[slot] = Some(Sock {
-                fd,
-                out: Vec::new(),
-                out_sent: 0,
-                readable: true,
-                eof: false,
-            });
-            self.readq.push_back(slot);
         }
+    }
+
+    /// Sockets other shards accepted for this one (`io::balance`).
+    fn adopt(&mut self, now: Instant) {
+        while let Ok(h) = self.params.inbox.try_recv() {
+            self.open(now, h.listener, h.fd);
+        }
+    }
+
+    /// Starts a session on a socket accepted on listener `i` (by this shard
+    /// or, handed over, by another).
+    fn open(&mut self, now: Instant, i: usize, fd: OwnedFd) {
+        let Some(peer) = super::admit(
+            &fd,
+            &self.params.listeners[i].allow,
+            self.core.metrics_ref(),
+            self.core.connection_limit(),
+        ) else {
+            self.core.release_placement();
+            return;
+        };
+        let slot = self.core.open(now, peer);
+        let events = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+        if let Err(e) = self
+            .ep
+            .ctl(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), events, slot as u64)
+        {
+            tracing::warn!("epoll_ctl add: {e}");
+            self.core.hang_up(slot);
+            return;
+        }
+        if self.socks.len() <= slot {
+            self.socks.resize_with(slot + 1, || None);
+        }
+        // Data may already be waiting; the edge for it may have passed.
+        self.socks[slot] = Some(Sock {
+            fd,
+            out: Vec::new(),
+            out_sent: 0,
+            readable: true,
+            eof: false,
+        });
+        self.readq.push_back(slot);
     }
 
     fn stop_listening(&mut self) {

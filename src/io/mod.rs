@@ -5,6 +5,7 @@
 //! [`epoll`] is the portable backend, [`uring`] the io_uring one; [`listen`]
 //! opens the sockets.
 
+pub mod balance;
 pub mod clock;
 pub mod core;
 pub mod epoll;

@@ -231,6 +231,17 @@ impl Registry {
         );
         let _ = writeln!(
             out,
+            "# HELP lmtp_ingest_shard_connections_open Connections open now on each shard (new connections go to the shard with the fewest).\n# TYPE lmtp_ingest_shard_connections_open gauge"
+        );
+        for (i, s) in self.shards.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "lmtp_ingest_shard_connections_open{{shard=\"{i}\"}} {}",
+                s.connections_open.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
             "# HELP lmtp_ingest_connections_refused_total Connections refused before a session: reason=\"access\" (554 5.7.1, not in the allow-list), reason=\"limit\" (421, connections_max reached).\n# TYPE lmtp_ingest_connections_refused_total counter"
         );
         let _ = writeln!(

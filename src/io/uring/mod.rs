@@ -231,6 +231,9 @@ impl Loop<'_> {
             self.idle_then_wait(clock.wait_for(Instant::now()))?;
             let now = Instant::now();
             let woke = self.reap(now);
+            if woke {
+                self.adopt(now);
+            }
             clock.after_wait(self, now, woke);
             clock.tick(self, now);
             self.service_dirty();
@@ -442,7 +445,10 @@ impl Loop<'_> {
             // SAFETY: the accept returned a fresh descriptor that we now own.
             let fd = unsafe { OwnedFd::from_raw_fd(res) };
             if self.listening && !self.stopping {
-                self.open(now, i, fd);
+                // Kept here, or handed to a shard with fewer connections.
+                if let Some(h) = self.core.place(fd, i) {
+                    self.open(now, h.listener, h.fd);
+                }
             }
             // Not listening any more: dropping `fd` closes it.
         } else {
@@ -467,6 +473,13 @@ impl Loop<'_> {
         }
     }
 
+    /// Sockets other shards accepted for this one (`io::balance`).
+    fn adopt(&mut self, now: Instant) {
+        while let Ok(h) = self.params.inbox.try_recv() {
+            self.open(now, h.listener, h.fd);
+        }
+    }
+
     fn pause_accepts(&mut self, now: Instant) {
         self.stop_listening();
         self.accept_paused_until = Some(now + TICK);
@@ -481,6 +494,7 @@ impl Loop<'_> {
             self.core.metrics_ref(),
             self.core.connection_limit(),
         ) else {
+            self.core.release_placement();
             return;
         };
         let slot = self.core.open(now, peer);
