@@ -183,6 +183,9 @@ pub struct SpoolSection {
     pub batch_delay_us_max: u64,
     /// Cap on the spool's size in bytes; 0: only the disk limits it.
     pub spool_bytes_max: u64,
+    /// Write records past the page cache (`O_DIRECT`), falling back to
+    /// buffered writes where the file system refuses it.
+    pub direct_io: bool,
     /// Accept a spool on tmpfs (not durable; for tests only).
     pub allow_tmpfs: bool,
 }
@@ -241,6 +244,7 @@ impl Default for SpoolSection {
             batch_messages_max: s.batch_messages_max,
             batch_delay_us_max: s.batch_delay_us_max,
             spool_bytes_max: 0,
+            direct_io: s.direct_io,
             allow_tmpfs: false,
         }
     }
@@ -613,6 +617,7 @@ impl Config {
         c.batch_messages_max = s.batch_messages_max;
         c.batch_delay_us_max = s.batch_delay_us_max;
         c.spool_bytes_max = (s.spool_bytes_max > 0).then_some(s.spool_bytes_max);
+        c.direct_io = s.direct_io;
         c.allow_tmpfs = s.allow_tmpfs;
         c
     }

@@ -2,8 +2,9 @@
 //! through [`Storage`] and [`StorageFile`], so tests can inject write errors,
 //! sync errors and ENOSPC exactly where they would happen on a real disk.
 //!
-//! [`RealStorage`] is the production implementation (plain `pwrite`,
-//! `fdatasync`, `rename`, directory `fsync`). [`FaultyStorage`] wraps it for
+//! [`RealStorage`] is the production implementation (plain `pwrite`, direct
+//! `pwrite` through a second `O_DIRECT` descriptor, `fdatasync`, `rename`,
+//! directory `fsync`). [`FaultyStorage`] wraps it for
 //! tests: it fails chosen operations with a chosen errno and keeps a model of
 //! which bytes a successful sync has made durable, so a test can check that no
 //! record was reported committed before its bytes were synced.
@@ -14,9 +15,9 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// File-system operations the writer and recovery use.
@@ -33,10 +34,24 @@ pub trait Storage: Send + Sync + 'static {
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
 }
 
+/// Alignment of direct writes: buffer address, file offset and length are
+/// multiples of this. 4096 suits every block device in use (512-byte and
+/// 4 KiB logical blocks) and is what page-cache writeback writes anyway.
+pub const DIRECT_ALIGN: usize = 4096;
+
 /// One open file.
 pub trait StorageFile: Send {
     /// Writes all of `buf` at `offset` (loops over short writes).
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset` past the page cache (`O_DIRECT`). The
+    /// address of `buf`, its length and `offset` must be multiples of
+    /// [`DIRECT_ALIGN`]. Durable, like `write_all_at`, only after
+    /// `sync_data`. `ErrorKind::Unsupported` when this file cannot take
+    /// direct writes (the file system refused `O_DIRECT`): write through the
+    /// page cache instead.
+    fn write_direct_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// `fdatasync`: the data written so far, and the metadata needed to read it
     /// back, are on stable storage when this returns `Ok`.
     fn sync_data(&mut self) -> io::Result<()>;
@@ -48,32 +63,73 @@ pub trait StorageFile: Send {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealStorage;
 
-struct RealFile(File);
+/// A file with two descriptors: one through the page cache (zero-filling,
+/// headers, reads) and, where the file system allows it, one opened with
+/// `O_DIRECT` for records. Both are opened by path at once, so a later
+/// rename (`.prep` to `.seg`) does not matter.
+struct RealFile {
+    file: File,
+    direct: Option<File>,
+}
+
+impl RealFile {
+    fn open(path: &Path, create: bool) -> io::Result<RealFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(create)
+            .open(path)?;
+        // EINVAL (no O_DIRECT on this file system) or anything else: the
+        // page cache will do.
+        let direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok();
+        Ok(RealFile { file, direct })
+    }
+}
 
 impl StorageFile for RealFile {
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.0.write_all_at(buf, offset)
+        self.file.write_all_at(buf, offset)
+    }
+    fn write_direct_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let Some(d) = &self.direct else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the file system refused O_DIRECT",
+            ));
+        };
+        debug_assert_eq!(buf.as_ptr() as usize % DIRECT_ALIGN, 0);
+        debug_assert_eq!(buf.len() % DIRECT_ALIGN, 0);
+        debug_assert_eq!(offset % DIRECT_ALIGN as u64, 0);
+        match d.write_all_at(buf, offset) {
+            // Opened, but this file system turns direct writes down.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                self.direct = None;
+                Err(io::Error::new(io::ErrorKind::Unsupported, e))
+            }
+            r => r,
+        }
+    }
+    fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
     }
     fn sync_data(&mut self) -> io::Result<()> {
-        self.0.sync_data()
+        self.file.sync_data()
     }
     fn sync_all(&mut self) -> io::Result<()> {
-        self.0.sync_all()
+        self.file.sync_all()
     }
 }
 
 impl Storage for RealStorage {
     fn create(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)?;
-        Ok(Box::new(RealFile(f)))
+        Ok(Box::new(RealFile::open(path, true)?))
     }
     fn open(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
-        let f = OpenOptions::new().read(true).write(true).open(path)?;
-        Ok(Box::new(RealFile(f)))
+        Ok(Box::new(RealFile::open(path, false)?))
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         std::fs::rename(from, to)
@@ -103,15 +159,69 @@ struct FaultState {
     /// (`u64::MAX`: until cleared).
     errno: [AtomicI32; 3],
     remaining: [AtomicU64; 3],
-    /// Per path: byte ranges written since the last sync, and ranges a
-    /// successful sync covered.
-    model: Mutex<HashMap<PathBuf, FileModel>>,
+    /// Direct writes answer `Unsupported`, as on a file system without
+    /// `O_DIRECT`.
+    refuse_direct: AtomicBool,
+    /// Per file: byte ranges written since the last sync, and ranges a
+    /// successful sync covered since they were last written.
+    model: Mutex<Model>,
+}
+
+#[derive(Default)]
+struct Model {
+    /// Files by the number given when created or opened; their records
+    /// follow renames through `names`.
+    files: HashMap<u64, FileModel>,
+    names: HashMap<PathBuf, u64>,
+    next: u64,
+}
+
+impl Model {
+    /// The file now called `path`, with a model of its own if it has none.
+    fn file_id(&mut self, path: &Path) -> u64 {
+        if let Some(&id) = self.names.get(path) {
+            return id;
+        }
+        self.next += 1;
+        self.names.insert(path.to_path_buf(), self.next);
+        self.next
+    }
 }
 
 #[derive(Default, Clone)]
 struct FileModel {
     pending: Vec<(u64, u64)>,
     durable: Vec<(u64, u64)>,
+}
+
+impl FileModel {
+    /// A write of `[from, to)` whose bytes differ from what the file held
+    /// at `changed` (ranges): no earlier sync covers those. Bytes rewritten
+    /// with the same value (the partial block a direct append rewrites, the
+    /// page writeback rewrites) keep what they had.
+    fn written(&mut self, from: u64, to: u64, changed: &[(u64, u64)]) {
+        for &(a, b) in changed {
+            self.changed(a, b);
+        }
+        self.pending.push((from, to));
+    }
+
+    fn changed(&mut self, from: u64, to: u64) {
+        let mut kept = Vec::with_capacity(self.durable.len() + 1);
+        for &(a, b) in &self.durable {
+            if b <= from || a >= to {
+                kept.push((a, b));
+                continue;
+            }
+            if a < from {
+                kept.push((a, from));
+            }
+            if b > to {
+                kept.push((to, b));
+            }
+        }
+        self.durable = kept;
+    }
 }
 
 /// A [`Storage`] for tests: real files, with injected errors and a model of
@@ -142,6 +252,17 @@ impl FaultyStorage {
         self.state.remaining[i].store(count, Ordering::SeqCst);
     }
 
+    fn file_id(&self, path: &Path) -> u64 {
+        let mut model = self.state.model.lock().unwrap_or_else(|e| e.into_inner());
+        model.file_id(path)
+    }
+
+    /// Makes direct writes answer `Unsupported` (`true`), as a file system
+    /// without `O_DIRECT` would, or work again (`false`).
+    pub fn refuse_direct_io(&self, refuse: bool) {
+        self.state.refuse_direct.store(refuse, Ordering::SeqCst);
+    }
+
     /// Ends every injected fault.
     pub fn clear(&self) {
         for i in 0..3 {
@@ -169,10 +290,11 @@ impl FaultyStorage {
     }
 
     /// True when every byte of `[offset, offset + len)` of `path` was written
+    /// (last written, if written more than once)
     /// and then covered by a successful sync of that file.
     pub fn is_durable(&self, path: &Path, offset: u64, len: u64) -> bool {
         let model = self.state.model.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(m) = model.get(path) else {
+        let Some(m) = model.names.get(path).and_then(|id| model.files.get(id)) else {
             return false;
         };
         let mut ranges = m.durable.clone();
@@ -192,16 +314,31 @@ impl FaultyStorage {
 
 struct FaultyFile {
     inner: RealFile,
-    path: PathBuf,
+    /// This file in the model (its path may change by rename).
+    id: u64,
     storage: FaultyStorage,
 }
 
 impl StorageFile for FaultyFile {
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.storage.check(FaultOp::Write)?;
+        let changed = self.changed_ranges(buf, offset);
         self.inner.write_all_at(buf, offset)?;
-        self.with_model(|m| m.pending.push((offset, offset + buf.len() as u64)));
+        self.with_model(|m| m.written(offset, offset + buf.len() as u64, &changed));
         Ok(())
+    }
+    fn write_direct_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.storage.state.refuse_direct.load(Ordering::SeqCst) {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "direct I/O off"));
+        }
+        self.storage.check(FaultOp::Write)?;
+        let changed = self.changed_ranges(buf, offset);
+        self.inner.write_direct_at(buf, offset)?;
+        self.with_model(|m| m.written(offset, offset + buf.len() as u64, &changed));
+        Ok(())
+    }
+    fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_exact_at(buf, offset)
     }
     fn sync_data(&mut self) -> io::Result<()> {
         self.failed_sync_loses_pending(FaultOp::Sync)?;
@@ -218,6 +355,25 @@ impl StorageFile for FaultyFile {
 }
 
 impl FaultyFile {
+    /// The ranges where writing `buf` at `offset` changes the file's bytes
+    /// (all of it where the file is shorter).
+    fn changed_ranges(&self, buf: &[u8], offset: u64) -> Vec<(u64, u64)> {
+        let mut old = vec![0u8; buf.len()];
+        let n = read_up_to(&self.inner.file, &mut old, offset);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (i, &b) in buf.iter().enumerate() {
+            if i < n && old[i] == b {
+                continue;
+            }
+            let at = offset + i as u64;
+            match out.last_mut() {
+                Some(last) if last.1 == at => last.1 = at + 1,
+                _ => out.push((at, at + 1)),
+            }
+        }
+        out
+    }
+
     /// As Linux does after a failed fsync (the dirty pages are marked clean),
     /// the model forgets the pending writes: a later successful sync of the
     /// same file does not make them durable.
@@ -244,44 +400,54 @@ impl FaultyFile {
             .model
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        f(model.entry(self.path.clone()).or_default())
+        f(model.files.entry(self.id).or_default())
     }
+}
+
+/// Reads what there is of `buf.len()` bytes at `offset`; how many.
+fn read_up_to(f: &File, buf: &mut [u8], offset: u64) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], offset + n as u64) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+    }
+    n
 }
 
 impl Storage for FaultyStorage {
     fn create(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
         self.check(FaultOp::Create)?;
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)?;
+        let inner = RealFile::open(path, true)?;
         Ok(Box::new(FaultyFile {
-            inner: RealFile(f),
-            path: path.to_path_buf(),
+            inner,
+            id: self.file_id(path),
             storage: self.clone(),
         }))
     }
     fn open(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
-        let f = OpenOptions::new().read(true).write(true).open(path)?;
+        let inner = RealFile::open(path, false)?;
         Ok(Box::new(FaultyFile {
-            inner: RealFile(f),
-            path: path.to_path_buf(),
+            inner,
+            id: self.file_id(path),
             storage: self.clone(),
         }))
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         std::fs::rename(from, to)?;
         let mut model = self.state.model.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(m) = model.remove(from) {
-            model.insert(to.to_path_buf(), m);
+        if let Some(id) = model.names.remove(from) {
+            model.names.insert(to.to_path_buf(), id);
         }
         Ok(())
     }
     fn remove(&self, path: &Path) -> io::Result<()> {
         std::fs::remove_file(path)?;
         let mut model = self.state.model.lock().unwrap_or_else(|e| e.into_inner());
-        model.remove(path);
+        if let Some(id) = model.names.remove(path) {
+            model.files.remove(&id);
+        }
         Ok(())
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
@@ -321,5 +487,27 @@ mod tests {
         assert!(f.write_all_at(b"x", 10).is_err());
         s.clear();
         f.write_all_at(b"x", 10).unwrap();
+    }
+
+    #[test]
+    fn an_overwrite_is_not_durable_until_synced_and_renames_keep_the_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FaultyStorage::new();
+        let prep = dir.path().join("a.prep");
+        let seg = dir.path().join("a.seg");
+        let mut f = s.create(&prep).unwrap();
+        // Zero-filled and synced, as a prepared segment is.
+        f.write_all_at(&[0u8; 100], 0).unwrap();
+        f.sync_all().unwrap();
+        s.rename(&prep, &seg).unwrap();
+        assert!(s.is_durable(&seg, 0, 100));
+        // A record written over the zeros through the handle opened under
+        // the old name: those bytes are new, and not durable before a sync.
+        f.write_all_at(b"record", 40).unwrap();
+        assert!(!s.is_durable(&seg, 40, 6));
+        assert!(s.is_durable(&seg, 0, 40) && s.is_durable(&seg, 46, 54));
+        f.sync_data().unwrap();
+        assert!(s.is_durable(&seg, 0, 100));
+        assert!(!s.is_durable(&prep, 0, 1), "the old name is gone");
     }
 }

@@ -67,6 +67,7 @@
 //! writer), 16 bits of writer number, 64 bits of that writer's record sequence.
 //! Unique because (writer, sequence) is; sortable by time as text.
 
+mod append;
 pub mod export;
 pub mod follow;
 pub mod fs;
@@ -131,6 +132,10 @@ pub struct SpoolConfig {
     /// (costs one segment of disk per writer). Off: made when needed, inside
     /// the batch that needs it.
     pub segment_prepare_ahead: bool,
+    /// Write records with `O_DIRECT` (past the page cache), falling back to
+    /// buffered writes where the file system refuses it. Off: always
+    /// buffered.
+    pub direct_io: bool,
     /// Accept a spool on tmpfs/ramfs (not durable: tests only).
     pub allow_tmpfs: bool,
     /// The file operations (tests inject faults here).
@@ -156,6 +161,7 @@ impl SpoolConfig {
             retention_age_max: None,
             maintenance_interval: Duration::from_secs(1),
             segment_prepare_ahead: true,
+            direct_io: true,
             allow_tmpfs: false,
             storage: Arc::new(fs::RealStorage),
         }

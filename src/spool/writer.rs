@@ -4,7 +4,8 @@
 //! to `batch_messages_max` / `batch_bytes_max`); if messages are arriving
 //! concurrently, wait up to `batch_delay_us_max` for more; encode the batch
 //! into one buffer (each record checked as it is encoded); write it with one
-//! `pwrite` into the preallocated segment; ONE `fdatasync`; then queue an
+//! `pwrite` into the preallocated segment, past the page cache where the file
+//! system allows (`append`); ONE `fdatasync`; then queue an
 //! outcome for every message and wake each producer once.
 //!
 //! Failure rules: any write or sync error fails every message of the batch
@@ -26,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, TryRecvError};
 
+use super::append::Appender;
 use super::record;
 use super::recover::{self, StreamEnd};
 use super::segment::{self, OpenSegment, PreparedSegment, SEGMENT_HEADER_LEN, SegmentId};
@@ -61,6 +63,8 @@ pub(crate) struct Writer {
     /// Set while refusing work for lack of space: when to look again.
     full_retry_at: Option<Instant>,
     buf: Vec<u8>,
+    /// Writes `buf` into segments (directly where the file system allows).
+    appender: Appender,
     /// Exponentially weighted mean gap between submissions, nanoseconds.
     gap_ewma_ns: u64,
     last_submitted: Option<Instant>,
@@ -98,6 +102,7 @@ impl Writer {
         // Recovery has already published the stream's recovered end.
         let watermark = WatermarkFile::open(&shared.config.dir, id)
             .map_err(|e| SpoolError::io("open the committed watermark file", e))?;
+        let direct_io = shared.config.direct_io;
         Ok(Writer {
             id,
             stats: shared.stats[id as usize].clone(),
@@ -109,6 +114,7 @@ impl Writer {
             last_ms: end.as_ref().map_or(0, |e| e.last_id_ms),
             full_retry_at: None,
             buf: Vec::new(),
+            appender: Appender::new(direct_io),
             gap_ewma_ns: u64::MAX / 2,
             last_submitted: None,
             previous_batch_len: 0,
@@ -209,9 +215,11 @@ impl Writer {
             self.previous_batch_len = batch.len();
             self.commit(&mut batch);
             // One huge message must not pin its buffer for the writer's life.
-            if self.buf.capacity() > 2 * cfg.batch_bytes_max.max(1 << 20) {
+            let keep = 2 * cfg.batch_bytes_max.max(1 << 20);
+            if self.buf.capacity() > keep {
                 self.buf = Vec::new();
             }
+            self.appender.shrink(keep);
         }
         // A spare that will not be used: leave no `.prep` file behind.
         if let Some(p) = self.take_spare() {
@@ -361,9 +369,9 @@ impl Writer {
                 // segment (synced below, before any outcome), start another.
                 if start > 0 {
                     let seg = &mut segs.last_mut().expect("one segment").0;
-                    seg.write_offset = base + start as u64;
-                    seg.file
-                        .write_all_at(&self.buf[..start], base)
+                    debug_assert_eq!(seg.write_offset, base);
+                    self.appender
+                        .append(seg, &self.buf[..start])
                         .map_err(|e| classify(&e))?;
                 }
                 let fresh = self.new_segment(SEGMENT_HEADER_LEN + len as u64)?;
@@ -381,9 +389,9 @@ impl Writer {
         let seg = &mut segs.last_mut().expect("one segment").0;
         assert!(base + self.buf.len() as u64 <= seg.capacity);
         if !self.buf.is_empty() {
-            seg.write_offset = base + self.buf.len() as u64;
-            seg.file
-                .write_all_at(&self.buf, base)
+            debug_assert_eq!(seg.write_offset, base);
+            self.appender
+                .append(seg, &self.buf)
                 .map_err(|e| classify(&e))?;
         }
         for (s, _) in segs.iter_mut() {
