@@ -141,7 +141,14 @@ pub fn init(config: &Config) -> LogGuard {
     let _ = if config.log.format == "json" {
         fmt.json().try_init()
     } else {
-        fmt.with_ansi(std::io::stderr().is_terminal()).try_init()
+        let ansi = std::io::stderr().is_terminal();
+        if !ansi {
+            // Plain text: delivery lines, one per recipient, skip the
+            // subscriber's formatting and come here as finished lines.
+            let s = shared.clone();
+            lmtp_ingest::io::set_delivery_sink(Box::new(move |line| s.push(line)));
+        }
+        fmt.with_ansi(ansi).try_init()
     };
     let s = shared.clone();
     let writer = std::thread::Builder::new()
