@@ -187,7 +187,7 @@ pub(crate) fn recover(dir: &Path, storage: &dyn Storage) -> Result<Recovered, Sp
                 offset: *end,
             };
             WatermarkFile::open(dir, *writer)
-                .and_then(|f| f.publish(w))
+                .and_then(|mut f| f.publish(w))
                 .map_err(io(format!("write {}", watermark::file_name(*writer))))?;
         }
     }

@@ -310,7 +310,7 @@ impl Writer {
                 };
                 // Only informs live followers (see watermark.rs); a failure
                 // makes them lag, it loses nothing.
-                if let Some(f) = &self.watermark
+                if let Some(f) = &mut self.watermark
                     && f.publish(w).is_err()
                 {
                     self.stats.add(&self.stats.watermark_errors, 1);
