@@ -271,6 +271,8 @@ pub(crate) struct ProducerShared {
     waker: Option<Arc<dyn Fn() + Send + Sync>>,
     /// Submissions accepted whose outcome the producer has not drained yet.
     in_flight: AtomicUsize,
+    /// Threads blocked on `ready` (changed under the `completions` lock).
+    waiting: AtomicUsize,
 }
 
 impl ProducerShared {
@@ -281,9 +283,15 @@ impl ProducerShared {
     }
 
     pub(crate) fn wake(&self) {
-        self.ready.notify_all();
         if let Some(w) = &self.waker {
             w();
+        }
+        // A notify is a futex call even with no one waiting, and a shard
+        // never waits on the condvar (its waker is its event loop's eventfd).
+        // A waiter counts itself under the queue's lock before it sleeps and
+        // `push` took that lock after, so this load sees it.
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.ready.notify_all();
         }
     }
 }
@@ -435,6 +443,7 @@ impl Spool {
                 ready: Condvar::new(),
                 waker,
                 in_flight: AtomicUsize::new(0),
+                waiting: AtomicUsize::new(0),
             }),
             next_ticket: u64::MAX / 2,
         }
@@ -729,12 +738,14 @@ impl Producer {
             if now >= deadline {
                 return None;
             }
+            self.me.waiting.fetch_add(1, Ordering::SeqCst);
             q = self
                 .me
                 .ready
                 .wait_timeout(q, deadline - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            self.me.waiting.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
@@ -764,7 +775,9 @@ impl Producer {
                 self.me.in_flight.fetch_sub(1, Ordering::AcqRel);
                 return outcome;
             }
+            self.me.waiting.fetch_add(1, Ordering::SeqCst);
             q = self.me.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+            self.me.waiting.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
