@@ -230,7 +230,8 @@ impl Loop<'_> {
         loop {
             self.idle_then_wait(clock.wait_for(Instant::now()))?;
             let now = Instant::now();
-            let woke = self.reap(now);
+            // Both: `take` clears the flag a wake without an eventfd write set.
+            let woke = self.params.waker.take() | self.reap(now);
             if woke {
                 self.adopt(now);
             }
@@ -255,15 +256,19 @@ impl Loop<'_> {
             // comes back from the wait below.
             let _ = self.ring.submit();
         }
-        if !self.ring.completion().is_empty() || self.ring.submission().taskrun() {
+        if !self.ring.completion().is_empty()
+            || self.ring.submission().taskrun()
+            || self.params.waker.pending()
+        {
             // Not idle: the wait returns at once.
             return self.wait(timeout);
         }
         let window = self.idle.next_window();
         if !window.is_zero() {
             let ring = &mut self.ring;
+            let waker = &self.params.waker;
             let found = idle_poll::poll(window, || {
-                ring.submission().taskrun() || !ring.completion().is_empty()
+                ring.submission().taskrun() || !ring.completion().is_empty() || waker.pending()
             });
             self.idle.record(found);
             let m = self.core.metrics_ref();
@@ -283,7 +288,19 @@ impl Loop<'_> {
     fn wait(&mut self, timeout: Duration) -> io::Result<()> {
         let ts = types::Timespec::from(timeout);
         let args = types::SubmitArgs::new().timespec(&ts);
-        match self.ring.submitter().submit_with_args(1, &args) {
+        // A pending wake (see `epoll::Waker`): submit and run what is ready,
+        // but do not block; with nothing of that, no system call at all.
+        let want = usize::from(self.params.waker.prepare_sleep());
+        if want == 0 {
+            self.params.waker.awake();
+            let sq = self.ring.submission();
+            if sq.is_empty() && !sq.taskrun() && !sq.cq_overflow() {
+                return Ok(());
+            }
+        }
+        let r = self.ring.submitter().submit_with_args(want, &args);
+        self.params.waker.awake();
+        match r {
             Ok(_) => Ok(()),
             // ETIME: the tick; EINTR: a signal; EBUSY: the CQ overflowed and
             // must be reaped first.
