@@ -51,13 +51,14 @@ impl Shared {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Appends one whole line, or drops and counts it when the buffer is
-    /// full. Never blocks on I/O.
+    /// Appends whole lines (one, or a message's delivery lines), or drops
+    /// and counts them when the buffer is full. Never blocks on I/O.
     fn push(&self, line: &[u8]) {
         let mut p = self.lock();
         if p.bytes.len() + line.len() > BUFFER_BYTES_MAX {
             drop(p);
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            let lines = line.iter().filter(|&&b| b == b'\n').count().max(1);
+            self.dropped.fetch_add(lines as u64, Ordering::Relaxed);
             return;
         }
         let was_empty = p.bytes.is_empty();
@@ -263,6 +264,8 @@ mod tests {
         s.push(b"one more\n");
         s.push(b"and another\n");
         assert_eq!(s.dropped.load(Ordering::Relaxed), 2);
+        s.push(b"a message's\nthree delivery\nlines\n");
+        assert_eq!(s.dropped.load(Ordering::Relaxed), 5);
         assert_eq!(s.lock().bytes.len(), BUFFER_BYTES_MAX);
     }
 }

@@ -19,8 +19,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::{LogFormat, core};
 use crate::envelope::CommitOutcome;
 
-/// Takes whole, formatted log lines (with their newline), as the log
-/// subscriber's writer does. Must not block.
+/// Takes one or more whole, formatted log lines (each with its newline): all
+/// the lines of one message at once. Must not block.
 pub type DeliverySink = Box<dyn Fn(&[u8]) + Send + Sync>;
 
 static SINK: OnceLock<DeliverySink> = OnceLock::new();
@@ -140,7 +140,7 @@ pub fn log_delivery(shard: usize, format: LogFormat, d: &core::Delivered) {
     }
 }
 
-/// The text lines for `d`, written to `sink` one by one, laid out as the
+/// The text lines for `d`, handed to `sink` together, laid out as the
 /// `tracing` subscriber lays them out (`TIMESTAMP  INFO delivery: ...`).
 fn write_text_lines(d: &core::Delivered, sink: &DeliverySink) {
     use crate::proto::reply::{self, Delivery};
@@ -152,9 +152,36 @@ fn write_text_lines(d: &core::Delivered, sink: &DeliverySink) {
     let now_us = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |t| t.as_micros() as u64);
-    let stamp = crate::spool::timefmt::rfc3339_us(now_us);
-    let sender = log_safe(&d.sender);
-    let mut line = Vec::with_capacity(320);
+    // What every recipient's line shares, formatted once: the part before
+    // the address and the part between the address and the reply.
+    let mut head = Vec::with_capacity(96);
+    head.extend_from_slice(crate::spool::timefmt::rfc3339_us(now_us).as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(level.as_bytes());
+    head.extend_from_slice(b" delivery: ");
+    match d.outcome {
+        CommitOutcome::Committed(id) => {
+            let _ = write!(head, "{id}");
+        }
+        _ => head.extend_from_slice(b"NOQUEUE"),
+    }
+    head.extend_from_slice(b": to=<");
+    let mut mid = Vec::with_capacity(160);
+    let _ = write!(
+        mid,
+        ">, client={}, from={}, size={}, delay=",
+        d.peer,
+        log_safe(&d.sender),
+        d.body_bytes
+    );
+    secs4(&mut mid, d.queue_latency + d.commit_latency);
+    mid.extend_from_slice(b", delays=");
+    secs4(&mut mid, d.queue_latency);
+    mid.push(b'/');
+    secs4(&mut mid, d.commit_latency);
+    mid.extend_from_slice(b", dsn=");
+    // All of a message's lines go to the sink at once.
+    let mut lines = Vec::with_capacity(d.rcpts.len() * 300);
     let mut text = Vec::with_capacity(128);
     for rcpt in &d.rcpts {
         let rcpt = log_safe(rcpt);
@@ -162,34 +189,17 @@ fn write_text_lines(d: &core::Delivered, sink: &DeliverySink) {
         reply::delivery(&mut text, &rcpt, delivery);
         let text = text.trim_ascii_end();
         let dsn = text.split(|&b| b == b' ').nth(1).unwrap_or(b"");
-        line.clear();
-        line.extend_from_slice(stamp.as_bytes());
-        line.push(b' ');
-        line.extend_from_slice(level.as_bytes());
-        line.extend_from_slice(b" delivery: ");
-        match d.outcome {
-            CommitOutcome::Committed(id) => {
-                let _ = write!(line, "{id}");
-            }
-            _ => line.extend_from_slice(b"NOQUEUE"),
-        }
-        let _ = write!(
-            line,
-            ": to=<{rcpt}>, client={}, from={sender}, size={}, delay=",
-            d.peer, d.body_bytes
-        );
-        secs4(&mut line, d.queue_latency + d.commit_latency);
-        line.extend_from_slice(b", delays=");
-        secs4(&mut line, d.queue_latency);
-        line.push(b'/');
-        secs4(&mut line, d.commit_latency);
-        line.extend_from_slice(b", dsn=");
-        line.extend_from_slice(dsn);
-        let _ = write!(line, ", status={status} (");
-        line.extend_from_slice(text);
-        line.extend_from_slice(b")\n");
-        sink(&line);
+        lines.extend_from_slice(&head);
+        lines.extend_from_slice(rcpt.as_bytes());
+        lines.extend_from_slice(&mid);
+        lines.extend_from_slice(dsn);
+        lines.extend_from_slice(b", status=");
+        lines.extend_from_slice(status.as_bytes());
+        lines.extend_from_slice(b" (");
+        lines.extend_from_slice(text);
+        lines.extend_from_slice(b")\n");
     }
+    sink(&lines);
 }
 
 /// Seconds with four decimals (`0.0042`), rounded to the nearest 100 µs.
@@ -235,6 +245,46 @@ mod tests {
             // Away from exact ties the two agree digit for digit (at a tie,
             // 150 us say, the float is a hair below and rounds down).
             assert_eq!(f(d), format!("{:.4}", d.as_secs_f64()), "{us} us");
+        }
+    }
+
+    #[test]
+    fn text_lines_have_the_subscribers_layout_and_escape_addresses() {
+        use std::sync::{Arc, Mutex};
+        let id = crate::spool::queue_id_from_parts(1_700_000_000_000, 0, 7);
+        let d = core::Delivered {
+            session_id: 1,
+            peer: "192.0.2.7:41822".into(),
+            transaction: 1,
+            sender: "<s@example.net>".into(),
+            recipients: 2,
+            rcpts: vec!["a@example.org".into(), "b\u{9b}@example.org".into()],
+            body_bytes: 600,
+            outcome: CommitOutcome::Committed(id),
+            queue_latency: Duration::from_micros(100),
+            commit_latency: Duration::from_micros(4_100),
+        };
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let g = got.clone();
+        let sink: DeliverySink = Box::new(move |b| g.lock().unwrap().push(b.to_vec()));
+        write_text_lines(&d, &sink);
+        let chunks = got.lock().unwrap().clone();
+        assert_eq!(chunks.len(), 1, "one hand-over per message");
+        let text = String::from_utf8(chunks[0].clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        for (line, rcpt) in lines.iter().zip(["a@example.org", "b\\u{9b}@example.org"]) {
+            let (stamp, rest) = line.split_once(' ').unwrap();
+            assert_eq!(stamp.len(), "2026-11-21T09:30:00.123456Z".len(), "{line}");
+            assert!(stamp.ends_with('Z'));
+            assert_eq!(
+                rest,
+                format!(
+                    " INFO delivery: {id}: to=<{rcpt}>, client=192.0.2.7:41822, \
+                     from=<s@example.net>, size=600, delay=0.0042, delays=0.0001/0.0041, \
+                     dsn=2.0.0, status=sent (250 2.0.0 <{rcpt}> {id} Saved)"
+                )
+            );
         }
     }
 }
