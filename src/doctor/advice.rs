@@ -209,6 +209,7 @@ mod tests {
             block_bytes: BLOCK_BYTES,
             append: s.clone(),
             overwrite: s,
+            overwrite_direct: true,
         }
     }
 

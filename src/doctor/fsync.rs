@@ -8,7 +8,9 @@
 //!   `pg_test_fsync` and the shared `fsync_bench.py`.
 //! - `overwrite`: the same writes into a file zero-filled and synced first,
 //!   which is what the spool's writers do (segments are pre-zeroed so that
-//!   fdatasync has no metadata to write). This is the figure the advice uses.
+//!   fdatasync has no metadata to write), and like them past the page cache
+//!   (`O_DIRECT`) where the file system allows it. This is the figure the
+//!   advice uses.
 //!
 //! Must not: leave the file behind (a guard removes it on every path, panics
 //! included), or write more than [`ITERATIONS_MAX`] x 4 KiB per mode.
@@ -52,6 +54,9 @@ pub struct FsyncReport {
     pub append: LatencyStats,
     /// Overwrites of a pre-zeroed file (what a spool segment sees).
     pub overwrite: LatencyStats,
+    /// The overwrites went past the page cache (`O_DIRECT`), as the spool's
+    /// writers do where the file system allows it (`spool.direct_io`).
+    pub overwrite_direct: bool,
 }
 
 /// Removes the temporary file however the measurement ends.
@@ -153,18 +158,40 @@ pub fn measure(dir: &Path, total: Duration) -> io::Result<FsyncReport> {
             f.write_all(&zeros)?;
         }
         t.file.sync_all()?;
+        // As the spool writes: past the page cache where allowed, from a
+        // block-aligned buffer (the aligned block inside a larger Vec).
+        let mut direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&t.path)
+            .ok();
+        let mut raw = vec![0u8; 2 * BLOCK_BYTES];
+        let at = raw.as_ptr().align_offset(BLOCK_BYTES);
+        let aligned = &mut raw[at..at + BLOCK_BYTES];
+        aligned.copy_from_slice(&block);
+        let aligned = &*aligned;
         let slots = OVERWRITE_FILE_BYTES / BLOCK_BYTES as u64;
-        rounds(&t.file, half, |i| {
-            t.file
-                .write_all_at(&block, (i as u64 % slots) * BLOCK_BYTES as u64)
-        })?
+        let stats = rounds(&t.file, half, |i| {
+            let pos = (i as u64 % slots) * BLOCK_BYTES as u64;
+            if let Some(d) = &direct {
+                match d.write_all_at(aligned, pos) {
+                    // Opened, but direct writes are refused: buffered.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => direct = None,
+                    r => return r,
+                }
+            }
+            t.file.write_all_at(&block, pos)
+        })?;
+        (stats, direct.is_some())
     };
+    let (overwrite, overwrite_direct) = overwrite;
 
     Ok(FsyncReport {
         dir: dir.to_path_buf(),
         block_bytes: BLOCK_BYTES,
         append,
         overwrite,
+        overwrite_direct,
     })
 }
 
@@ -199,8 +226,13 @@ const SUSPICIOUSLY_FAST_US: f64 = 30.0;
 /// The check line for the measurement.
 pub fn check(r: &FsyncReport) -> Check {
     let o = &r.overwrite;
+    let how = if r.overwrite_direct {
+        "direct I/O"
+    } else {
+        "page cache: O_DIRECT refused here"
+    };
     let value = format!(
-        "overwrite (spool-like) {}; append {}",
+        "overwrite (spool-like, {how}) {}; append {}",
         line(o),
         line(&r.append)
     );
