@@ -5,10 +5,10 @@
 //! PIPELINING, one command per round trip) a shard finds itself idle many
 //! times per message, and the next command usually lands a few microseconds
 //! later. Sleeping and being woken costs two context switches and, in a VM,
-//! an inter-processor interrupt each time; measured on the 2-core VM in
-//! docs/BENCHMARKS.md, polling for up to 30 µs first took 16 lock-step
-//! sessions from 0.78x to 0.90x of Postfix's smtp-sink at one recipient and
-//! from 0.64x to 0.85x at fifty, with less CPU per message, not more.
+//! an inter-processor interrupt each time; measured on the 2-core VM
+//! (docs/BENCHMARKS.md, "Idle polling"), polling for up to 30 µs takes 16
+//! lock-step sessions from 0.78x to 0.96x of Postfix's smtp-sink at one
+//! recipient and from 0.67x to 0.85x at fifty.
 //!
 //! It must not cost an idle or lightly loaded server anything, so it is
 //! adaptive: the loop keeps the share of recent polls that found work within
