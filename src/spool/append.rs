@@ -309,12 +309,17 @@ mod tests {
         assert!(s.is_durable(&seg.path, 64, 20_000));
     }
 
-    #[test]
-    fn a_failed_direct_write_is_an_error_and_the_next_append_rereads_the_tail() {
+    /// A 1 MiB segment on fault-injecting storage, and a direct appender.
+    fn faulty_segment(index: u64) -> (FaultyStorage, tempfile::TempDir, OpenSegment, Appender) {
         let s = FaultyStorage::new();
         let dir = tempfile::tempdir().unwrap();
-        let mut seg = create_segment(&s, dir.path(), id(5), 1 << 20).unwrap();
-        let mut a = Appender::new(true);
+        let seg = create_segment(&s, dir.path(), id(index), 1 << 20).unwrap();
+        (s, dir, seg, Appender::new(true))
+    }
+
+    #[test]
+    fn a_failed_direct_write_is_an_error_and_the_next_append_rereads_the_tail() {
+        let (s, _dir, mut seg, mut a) = faulty_segment(5);
         a.append(&mut seg, &data(1, 100)).unwrap();
         s.fail(FaultOp::Write, libc::EIO, 1);
         let e = a.append(&mut seg, &data(2, 100)).unwrap_err();
@@ -331,10 +336,7 @@ mod tests {
 
     #[test]
     fn direct_writes_are_durable_only_after_the_sync_in_the_model() {
-        let s = FaultyStorage::new();
-        let dir = tempfile::tempdir().unwrap();
-        let mut seg = create_segment(&s, dir.path(), id(6), 1 << 20).unwrap();
-        let mut a = Appender::new(true);
+        let (s, _dir, mut seg, mut a) = faulty_segment(6);
         a.append(&mut seg, &data(1, 9000)).unwrap();
         assert!(!s.is_durable(&seg.path, 64, 9000));
         seg.file.sync_data().unwrap();
