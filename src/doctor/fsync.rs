@@ -18,13 +18,14 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use super::Check;
+use crate::spool::fs::{AlignedBuf, RealStorage, Storage};
 
 /// One write's size: a small message's record, and `pg_test_fsync`'s default.
 pub const BLOCK_BYTES: usize = 4096;
@@ -158,31 +159,24 @@ pub fn measure(dir: &Path, total: Duration) -> io::Result<FsyncReport> {
             f.write_all(&zeros)?;
         }
         t.file.sync_all()?;
-        // As the spool writes: past the page cache where allowed, from a
-        // block-aligned buffer (the aligned block inside a larger Vec).
-        let mut direct = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&t.path)
-            .ok();
-        let mut raw = vec![0u8; 2 * BLOCK_BYTES];
-        let at = raw.as_ptr().align_offset(BLOCK_BYTES);
-        let aligned = &mut raw[at..at + BLOCK_BYTES];
-        aligned.copy_from_slice(&block);
-        let aligned = &*aligned;
+        // As the spool writes: through its storage seam, past the page cache
+        // where the file system allows it, from a block-aligned buffer.
+        let mut f = RealStorage.open(&t.path)?;
+        let mut aligned = AlignedBuf::new();
+        aligned.get(BLOCK_BYTES).copy_from_slice(&block);
+        let mut direct = true;
         let slots = OVERWRITE_FILE_BYTES / BLOCK_BYTES as u64;
         let stats = rounds(&t.file, half, |i| {
             let pos = (i as u64 % slots) * BLOCK_BYTES as u64;
-            if let Some(d) = &direct {
-                match d.write_all_at(aligned, pos) {
-                    // Opened, but direct writes are refused: buffered.
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => direct = None,
+            if direct {
+                match f.write_direct_at(aligned.as_slice(BLOCK_BYTES), pos) {
+                    Err(e) if e.kind() == io::ErrorKind::Unsupported => direct = false,
                     r => return r,
                 }
             }
-            t.file.write_all_at(&block, pos)
+            f.write_all_at(&block, pos)
         })?;
-        (stats, direct.is_some())
+        (stats, direct)
     };
     let (overwrite, overwrite_direct) = overwrite;
 

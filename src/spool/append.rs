@@ -27,11 +27,9 @@
 //! Must not: write anything but zeros past the new end of data, change a
 //! committed byte, or report a write as done before it returned.
 
-use std::alloc::{self, Layout};
 use std::io;
-use std::ptr::NonNull;
 
-use super::fs::DIRECT_ALIGN;
+use super::fs::{AlignedBuf, DIRECT_ALIGN};
 use super::segment::{OpenSegment, SegmentId};
 
 /// Writes records at the end of segments, directly where it can.
@@ -123,80 +121,9 @@ impl Appender {
 
     /// Frees a staging buffer grown past `keep` bytes by one large batch.
     pub(crate) fn shrink(&mut self, keep: usize) {
-        if self.stage.cap > keep {
+        if self.stage.capacity() > keep {
             self.stage = AlignedBuf::new();
         }
-    }
-}
-
-/// A heap buffer whose start is aligned to [`DIRECT_ALIGN`], as direct
-/// writes need. Grows by whole blocks; its bytes are always initialized.
-struct AlignedBuf {
-    ptr: NonNull<u8>,
-    cap: usize,
-}
-
-// SAFETY: the buffer is plain owned memory, like a Vec<u8>.
-unsafe impl Send for AlignedBuf {}
-
-impl AlignedBuf {
-    fn new() -> AlignedBuf {
-        AlignedBuf {
-            ptr: NonNull::dangling(),
-            cap: 0,
-        }
-    }
-
-    fn layout(cap: usize) -> Layout {
-        Layout::from_size_align(cap, DIRECT_ALIGN).expect("a valid layout")
-    }
-
-    /// The first `len` bytes (initialized, contents left from earlier use),
-    /// grown to fit.
-    fn get(&mut self, len: usize) -> &mut [u8] {
-        if len > self.cap {
-            let cap = len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-            // SAFETY: `cap` is non-zero (len > cap >= 0) and the layout valid.
-            let raw = unsafe { alloc::alloc_zeroed(Self::layout(cap)) };
-            let Some(ptr) = NonNull::new(raw) else {
-                alloc::handle_alloc_error(Self::layout(cap));
-            };
-            self.release();
-            self.ptr = ptr;
-            self.cap = cap;
-        }
-        if len == 0 {
-            return &mut [];
-        }
-        // SAFETY: `ptr` points at `cap >= len` bytes that this buffer owns,
-        // initialized by `alloc_zeroed`; the borrow of `self` keeps them from
-        // being freed or aliased.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), len) }
-    }
-
-    fn as_slice(&self, len: usize) -> &[u8] {
-        assert!(len <= self.cap);
-        if len == 0 {
-            return &[];
-        }
-        // SAFETY: as in `get`: `len <= cap` owned, initialized bytes.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), len) }
-    }
-
-    fn release(&mut self) {
-        if self.cap > 0 {
-            // SAFETY: allocated in `get` with exactly this layout, and
-            // forgotten here (cap 0) so it is freed once.
-            unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) };
-            self.ptr = NonNull::dangling();
-            self.cap = 0;
-        }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        self.release();
     }
 }
 

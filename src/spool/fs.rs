@@ -39,6 +39,45 @@ pub trait Storage: Send + Sync + 'static {
 /// 4 KiB logical blocks) and is what page-cache writeback writes anyway.
 pub const DIRECT_ALIGN: usize = 4096;
 
+/// A buffer whose start is aligned to [`DIRECT_ALIGN`], as direct writes
+/// need: the aligned part of a `Vec` one block longer than asked for (no
+/// allocator of its own, no unsafe code).
+#[derive(Default)]
+pub(crate) struct AlignedBuf {
+    raw: Vec<u8>,
+}
+
+impl AlignedBuf {
+    pub(crate) fn new() -> AlignedBuf {
+        AlignedBuf::default()
+    }
+
+    /// Bytes available without growing.
+    pub(crate) fn capacity(&self) -> usize {
+        self.raw.len().saturating_sub(DIRECT_ALIGN)
+    }
+
+    fn start(&self) -> usize {
+        // For a byte pointer and a power-of-two alignment this is exact.
+        self.raw.as_ptr().align_offset(DIRECT_ALIGN)
+    }
+
+    /// The first `len` bytes (contents left from earlier use), grown in
+    /// whole blocks to fit.
+    pub(crate) fn get(&mut self, len: usize) -> &mut [u8] {
+        if len > self.capacity() {
+            self.raw = vec![0u8; len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN + DIRECT_ALIGN];
+        }
+        let at = self.start();
+        &mut self.raw[at..at + len]
+    }
+
+    pub(crate) fn as_slice(&self, len: usize) -> &[u8] {
+        let at = self.start();
+        &self.raw[at..at + len]
+    }
+}
+
 /// One open file.
 pub trait StorageFile: Send {
     /// Writes all of `buf` at `offset` (loops over short writes).
@@ -487,6 +526,20 @@ mod tests {
         assert!(f.write_all_at(b"x", 10).is_err());
         s.clear();
         f.write_all_at(b"x", 10).unwrap();
+    }
+
+    #[test]
+    fn aligned_buffers_start_on_a_block_and_keep_their_bytes() {
+        let mut b = AlignedBuf::new();
+        assert_eq!(b.capacity(), 0);
+        for len in [1, 4096, 5000, 100, 70_000] {
+            let s = b.get(len);
+            assert_eq!(s.len(), len);
+            assert_eq!(s.as_ptr() as usize % DIRECT_ALIGN, 0);
+            s[len - 1] = 7;
+            assert_eq!(b.as_slice(len)[len - 1], 7);
+            assert!(b.capacity() >= len);
+        }
     }
 
     #[test]
