@@ -75,7 +75,7 @@ pub fn log_safe(s: &str) -> std::borrow::Cow<'_, str> {
 /// `NOQUEUE`). With [`LogFormat::Json`] the same items are separate fields.
 /// Stored messages log at `info`, others at `warn`.
 pub fn log_delivery(shard: usize, format: LogFormat, d: &core::Delivered) {
-    use crate::proto::reply::{self, Delivery};
+    use crate::proto::reply;
     // Nothing to format when the filter drops these lines (perf showed the
     // formatting at 0.15% of a loaded server's CPU with RUST_LOG=warn).
     let enabled = match d.outcome {
@@ -91,10 +91,10 @@ pub fn log_delivery(shard: usize, format: LogFormat, d: &core::Delivered) {
         write_text_lines(d, sink);
         return;
     }
-    let (queue_id, status, delivery) = match d.outcome {
-        CommitOutcome::Committed(id) => (id.to_string(), "sent", Delivery::Saved(id)),
-        CommitOutcome::Failed => ("NOQUEUE".to_string(), "deferred", Delivery::TempFailure),
-        CommitOutcome::StorageFull => ("NOQUEUE".to_string(), "deferred", Delivery::StorageFull),
+    let (status, delivery) = status_and_reply(d.outcome);
+    let queue_id = match d.outcome {
+        CommitOutcome::Committed(id) => id.to_string(),
+        _ => "NOQUEUE".to_string(),
     };
     let delay = (d.queue_latency + d.commit_latency).as_secs_f64();
     let delays = format!(
@@ -143,11 +143,12 @@ pub fn log_delivery(shard: usize, format: LogFormat, d: &core::Delivered) {
 /// The text lines for `d`, handed to `sink` together, laid out as the
 /// `tracing` subscriber lays them out (`TIMESTAMP  INFO delivery: ...`).
 fn write_text_lines(d: &core::Delivered, sink: &DeliverySink) {
-    use crate::proto::reply::{self, Delivery};
-    let (level, status, delivery) = match d.outcome {
-        CommitOutcome::Committed(id) => (" INFO", "sent", Delivery::Saved(id)),
-        CommitOutcome::Failed => (" WARN", "deferred", Delivery::TempFailure),
-        CommitOutcome::StorageFull => (" WARN", "deferred", Delivery::StorageFull),
+    use crate::proto::reply;
+    let (status, delivery) = status_and_reply(d.outcome);
+    // Stored messages log at info, others at warn (as `log_delivery`).
+    let level = match d.outcome {
+        CommitOutcome::Committed(_) => " INFO",
+        _ => " WARN",
     };
     let now_us = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -200,6 +201,16 @@ fn write_text_lines(d: &core::Delivered, sink: &DeliverySink) {
         lines.extend_from_slice(b")\n");
     }
     sink(&lines);
+}
+
+/// The log's status word and the reply each recipient got for `outcome`.
+fn status_and_reply(outcome: CommitOutcome) -> (&'static str, crate::proto::reply::Delivery) {
+    use crate::proto::reply::Delivery;
+    match outcome {
+        CommitOutcome::Committed(id) => ("sent", Delivery::Saved(id)),
+        CommitOutcome::Failed => ("deferred", Delivery::TempFailure),
+        CommitOutcome::StorageFull => ("deferred", Delivery::StorageFull),
+    }
 }
 
 /// Seconds with four decimals (`0.0042`), rounded to the nearest 100 µs.

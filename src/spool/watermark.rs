@@ -162,12 +162,11 @@ mod tests {
     fn round_trip_and_damage() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(read(dir.path(), 2).unwrap(), None);
-        let f = WatermarkFile::open(dir.path(), 2).unwrap();
+        let mut f = WatermarkFile::open(dir.path(), 2).unwrap();
         let w = Watermark {
             segment: 7,
             offset: 4096,
         };
-        let mut f = f;
         f.publish(w).unwrap();
         assert_eq!(read(dir.path(), 2).unwrap(), Some(w));
         // Later values go through the mapping; readers see each at once.
