@@ -168,7 +168,13 @@ pub fn run_shard(mut core: ShardCore, params: ShardParams) -> io::Result<()> {
         listening: true,
         accept_paused_until: None,
     };
-    lp.run()
+    let result = lp.run();
+    tracing::info!(
+        shard = lp.params.shard_id,
+        work = ?lp.core.metrics_ref().work(),
+        "epoll shard stopped"
+    );
+    result
 }
 
 struct Loop<'a> {

@@ -149,7 +149,33 @@ pub fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
+/// What one shard did, for the line it logs when it stops: the share of
+/// the load it carried and how often it polled or slept, so an imbalance
+/// between shards shows without a metrics scrape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardWork {
+    pub connections: u64,
+    pub messages: u64,
+    pub recipients: u64,
+    pub idle_polls_hit: u64,
+    pub idle_polls_missed: u64,
+    pub sleeps: u64,
+}
+
 impl ShardMetrics {
+    /// The totals [`ShardWork`] reports.
+    pub fn work(&self) -> ShardWork {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ShardWork {
+            connections: get(&self.connections_opened),
+            messages: get(&self.messages),
+            recipients: get(&self.recipients),
+            idle_polls_hit: get(&self.idle_polls_hit),
+            idle_polls_missed: get(&self.idle_polls_missed),
+            sleeps: get(&self.idle_sleeps),
+        }
+    }
+
     /// Counts the replies in `out` (whole lines, as sessions write them):
     /// one per final line (`250 ...`, not `250-...`).
     pub fn count_replies(&self, out: &[u8]) {

@@ -220,7 +220,7 @@ pub enum SpoolError {
     )]
     Locked { dir: PathBuf, holder: String },
     #[error(
-        "spool {0} is on tmpfs/ramfs, which loses everything at power off, so a 250 would be a lie; put the spool on a disk, or allow tmpfs explicitly for tests"
+        "spool {0} is on tmpfs/ramfs, which loses everything at power off, so a 250 would be a lie; put the spool on a disk, or, for tests only, set `allow_tmpfs = true` under `[spool]`"
     )]
     Tmpfs(PathBuf),
     #[error("bad spool configuration: {0}")]

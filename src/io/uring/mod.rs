@@ -850,7 +850,12 @@ impl Loop<'_> {
                 b.leak();
             }
         }
-        tracing::info!(shard = self.params.shard_id, stats = ?self.stats, "io_uring shard stopped");
+        tracing::info!(
+            shard = self.params.shard_id,
+            work = ?self.core.metrics_ref().work(),
+            stats = ?self.stats,
+            "io_uring shard stopped"
+        );
     }
 
     fn ops_in_flight(&self) -> bool {
