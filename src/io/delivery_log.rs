@@ -156,7 +156,7 @@ fn write_text_lines(d: &core::Delivered, sink: &DeliverySink) {
     // What every recipient's line shares, formatted once: the part before
     // the address and the part between the address and the reply.
     let mut head = Vec::with_capacity(96);
-    head.extend_from_slice(crate::spool::timefmt::rfc3339_us(now_us).as_bytes());
+    crate::spool::timefmt::push_rfc3339_us(&mut head, now_us);
     head.push(b' ');
     head.extend_from_slice(level.as_bytes());
     head.extend_from_slice(b" delivery: ");
@@ -218,12 +218,14 @@ fn secs4(out: &mut Vec<u8>, d: Duration) {
     // u64 nanoseconds last 584 years; u128 formatting is slow.
     let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX - 50_000);
     let tenths_of_ms = (ns + 50_000) / 100_000;
-    let _ = write!(
-        out,
-        "{}.{:04}",
-        tenths_of_ms / 10_000,
-        tenths_of_ms % 10_000
-    );
+    let whole = tenths_of_ms / 10_000;
+    if whole < 10 {
+        out.push(b'0' + whole as u8);
+    } else {
+        let _ = write!(out, "{whole}");
+    }
+    out.push(b'.');
+    crate::spool::timefmt::push_digits(out, tenths_of_ms % 10_000, 4);
 }
 
 #[cfg(test)]

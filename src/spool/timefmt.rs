@@ -54,11 +54,53 @@ const MONTHS: [&str; 12] = [
 
 /// `2026-11-21T09:30:00.123456Z`
 pub fn rfc3339_us(unix_us: u64) -> String {
+    let mut out = Vec::with_capacity(RFC3339_US_LEN);
+    push_rfc3339_us(&mut out, unix_us);
+    String::from_utf8(out).expect("ASCII digits and separators")
+}
+
+/// Length of [`rfc3339_us`]'s text for years 0 to 9999.
+pub const RFC3339_US_LEN: usize = 27;
+
+/// Appends `rfc3339_us(unix_us)` to `out` without `format!`: the delivery
+/// log writes one per message on the shard threads.
+pub fn push_rfc3339_us(out: &mut Vec<u8>, unix_us: u64) {
     let p = parts(unix_us);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        p.year, p.month, p.day, p.hour, p.minute, p.second, p.micros
-    )
+    if !(0..=9999).contains(&p.year) {
+        // Beyond four digits: the general (slow) path keeps it right.
+        out.extend_from_slice(
+            format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+                p.year, p.month, p.day, p.hour, p.minute, p.second, p.micros
+            )
+            .as_bytes(),
+        );
+        return;
+    }
+    push_digits(out, p.year as u64, 4);
+    out.push(b'-');
+    push_digits(out, u64::from(p.month), 2);
+    out.push(b'-');
+    push_digits(out, u64::from(p.day), 2);
+    out.push(b'T');
+    push_digits(out, p.hour, 2);
+    out.push(b':');
+    push_digits(out, p.minute, 2);
+    out.push(b':');
+    push_digits(out, p.second, 2);
+    out.push(b'.');
+    push_digits(out, p.micros, 6);
+    out.push(b'Z');
+}
+
+/// Appends the last `width` decimal digits of `v`, zero-padded.
+pub fn push_digits(out: &mut Vec<u8>, mut v: u64, width: usize) {
+    let start = out.len();
+    out.resize(start + width, b'0');
+    for slot in out[start..].iter_mut().rev() {
+        *slot = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
 }
 
 /// `Sat Nov 21 09:30:00 2026` (the mbox `From ` line).
@@ -105,5 +147,29 @@ mod tests {
         assert_eq!(rfc5322(t), "Sat, 21 Nov 2026 09:30:00 +0000");
         // A leap day.
         assert_eq!(&rfc3339_us(1_709_164_800_000_000)[..10], "2024-02-29");
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_format() {
+        let slow = |us: u64| {
+            let p = parts(us);
+            format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+                p.year, p.month, p.day, p.hour, p.minute, p.second, p.micros
+            )
+        };
+        let mut us = 0u64;
+        // Steps that are not round, across leap years and year 9999's end.
+        while us < 253_402_300_800_000_000 + 86_400_000_000 * 800 {
+            assert_eq!(rfc3339_us(us), slow(us), "at {us}");
+            us += 987_654_321_012_345;
+        }
+        assert_eq!(rfc3339_us(253_402_300_799_999_999), "9999-12-31T23:59:59.999999Z");
+        assert_eq!(rfc3339_us(253_402_300_800_000_000), "10000-01-01T00:00:00.000000Z");
+        assert_eq!(rfc3339_us(0).len(), RFC3339_US_LEN);
+        let mut v = Vec::new();
+        push_digits(&mut v, 7, 3);
+        push_digits(&mut v, 12_345, 2);
+        assert_eq!(v, b"00745");
     }
 }
