@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Config, IoChoice};
 use crate::io::core::ShardCore;
-use crate::io::epoll::{self, ShardParams, Waker};
+use crate::io::epoll::{self, ShardParams};
 use crate::io::listen;
+use crate::io::waker::Waker;
 use crate::policy::Policy;
 use crate::proto::SessionConfig;
 use crate::spool::Spool;

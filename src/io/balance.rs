@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
-use super::epoll::Waker;
+use super::waker::Waker;
 
 /// Sockets a shard's inbox holds before others keep theirs instead.
 pub const INBOX_MAX: usize = 1024;

@@ -15,6 +15,7 @@ pub mod listen;
 pub mod sys;
 // io_uring backend (branch uring).
 pub mod uring;
+pub mod waker;
 
 pub use delivery_log::{DeliverySink, log_delivery, log_safe, set_delivery_sink};
 

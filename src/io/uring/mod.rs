@@ -288,7 +288,7 @@ impl Loop<'_> {
     fn wait(&mut self, timeout: Duration) -> io::Result<()> {
         let ts = types::Timespec::from(timeout);
         let args = types::SubmitArgs::new().timespec(&ts);
-        // A pending wake (see `epoll::Waker`): submit and run what is ready,
+        // A pending wake (see `waker::Waker`): submit and run what is ready,
         // but do not block; with nothing of that, no system call at all.
         let want = usize::from(self.params.waker.prepare_sleep());
         if want == 0 {
