@@ -8,7 +8,10 @@
 # TARGET is `sink` or `LABEL=BINARY[ ARGS...]`, e.g.
 #   bench/alternate.sh sink new=target/release/lmtp-ingest \
 #       "nopoll=target/release/lmtp-ingest --config nopoll.toml"
-# With no TARGET: `sink` and `ours=target/release/lmtp-ingest`.
+# With no TARGET: `sink` and `ours=target/release/lmtp-ingest`. A target whose
+# ARGS name `--spool DIR` runs on a fresh DIR/alternate-run instead, e.g.
+#   "tmpfs=target/release/lmtp-ingest --spool /dev/shm --config tmpfs.toml"
+# with `[spool] allow_tmpfs = true` in tmpfs.toml: the server without a disk.
 # Knobs (environment): ROUNDS (5), SESSIONS (16), RCPTS (1), MSGS (30000),
 #   SIZE (4096), PORT (2498), WORK (bench-out/alternate).
 #
@@ -31,15 +34,24 @@ results=$WORK/results.tsv
 : >"$results"
 
 run_one() {  # round label spec
-  local round=$1 label=$2 spec=$3 dir=$WORK/run pid
+  local round=$1 label=$2 spec=$3 dir=$WORK/run pid own=""
   rm -rf "$dir"; mkdir -p "$dir"; sync; sleep 2
   if [ "$spec" = sink ]; then
     /usr/sbin/smtp-sink -u postfix -L "127.0.0.1:$PORT" 1024 >"$dir/server.log" 2>&1 &
   else
-    local bin=${spec%% *} args=""
+    local bin=${spec%% *} args="" spool=(--spool "$dir/spool")
     [ "$bin" = "$spec" ] || args=${spec#* }
+    # A target that names a spool place (`--spool DIR`, e.g. on tmpfs) runs
+    # on a fresh DIR/alternate-run; only that subdirectory is ever removed
+    # (before the run and after it: on tmpfs it holds memory).
+    own=$(sed -n 's/.*--spool \([^ ]*\).*/\1/p' <<<"$args")
+    if [ -n "$own" ]; then
+      [ -d "$own" ] || { echo "alternate.sh: $label: --spool $own is not a directory" >&2; exit 1; }
+      args=$(sed 's/--spool [^ ]*//' <<<"$args")
+      rm -rf "$own/alternate-run"; spool=(--spool "$own/alternate-run")
+    fi
     # shellcheck disable=SC2086 # ARGS are split on purpose
-    "$bin" serve --listen "127.0.0.1:$PORT" --spool "$dir/spool" $args >"$dir/server.log" 2>&1 &
+    "$bin" serve --listen "127.0.0.1:$PORT" "${spool[@]}" $args >"$dir/server.log" 2>&1 &
   fi
   pid=$!
   sleep 0.7
@@ -52,6 +64,7 @@ run_one() {  # round label spec
   t1=$(date +%s.%N)
   c1=$(awk '{print $14+$15}' "/proc/$pid/stat")
   kill "$pid"; wait "$pid" || true
+  [ -z "$own" ] || rm -rf "$own/alternate-run"
   # lmtp-ingest logs its spool's totals when it stops.
   local batches syncs sync_ns
   batches=$(grep -o 'batches: [0-9]*' "$dir/server.log" | grep -o '[0-9]*' | tail -1 || true)
