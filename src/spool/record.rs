@@ -22,10 +22,10 @@
 //! what it wrote before returning, and every reader decodes through [`parse`],
 //! which checks the CRC and every length before anything is used.
 
-use crate::envelope::{
-    BodyType, ClientInfo, Detail, Envelope, MailParams, Mailbox, Message, QueueId, Recipient,
-    ReversePath, TransactionId,
-};
+mod envelope_bytes;
+
+use crate::envelope::{Envelope, Message, QueueId};
+use envelope_bytes::{Build, Same, Sound};
 
 /// First four bytes of every record.
 pub const RECORD_MAGIC: [u8; 4] = *b"LSPR";
@@ -79,8 +79,10 @@ pub struct RecordView<'a> {
 impl RecordView<'_> {
     /// Decodes the envelope (already known to be well-formed by [`parse`]).
     pub fn envelope(&self) -> Envelope {
-        decode_envelope(self.envelope_bytes, self.header.recipients)
-            .expect("parse() checked the envelope")
+        let mut b = Build::new();
+        envelope_bytes::walk(self.envelope_bytes, self.header.recipients, &mut b)
+            .expect("parse() checked the envelope");
+        b.0
     }
 }
 
@@ -119,7 +121,7 @@ pub fn encode(
 ) -> Result<usize, RecordError> {
     let start = out.len();
     out.resize(start + RECORD_HEADER_LEN, 0);
-    encode_envelope(out, &msg.envelope);
+    envelope_bytes::encode(out, &msg.envelope);
     let envelope_len = out.len() - start - RECORD_HEADER_LEN;
     let record_len = RECORD_HEADER_LEN as u64 + envelope_len as u64 + msg.body.len() as u64;
     if record_len > RECORD_BYTES_MAX as u64 || envelope_len > u32::MAX as usize {
@@ -160,7 +162,13 @@ pub fn encode(
             assert_eq!(v.header.queue_id, queue_id);
             assert_eq!(v.header.received_at_us, received_at_us);
             assert_eq!(v.body.len(), msg.body.len());
-            assert!(v.envelope() == msg.envelope, "envelope did not round-trip");
+            // Field by field against the message, allocating nothing.
+            let mut same = Same::new(&msg.envelope);
+            let walked = envelope_bytes::walk(v.envelope_bytes, v.header.recipients, &mut same);
+            assert!(
+                walked.is_ok() && same.matched(),
+                "envelope did not round-trip"
+            );
         }
         other => panic!("record just encoded does not parse: {other:?}"),
     }
@@ -222,7 +230,7 @@ fn parse_checked(buf: &[u8], verify_crc: bool) -> Parsed<'_> {
         return Parsed::Invalid(RecordError::Length(record_len as u64));
     }
     let envelope_bytes = &rec[RECORD_HEADER_LEN..env_end as usize];
-    if let Err(e) = decode_envelope(envelope_bytes, header.recipients) {
+    if let Err(e) = envelope_bytes::walk(envelope_bytes, header.recipients, &mut Sound) {
         return Parsed::Invalid(e);
     }
     let view = RecordView {
@@ -233,163 +241,12 @@ fn parse_checked(buf: &[u8], verify_crc: bool) -> Parsed<'_> {
     Parsed::Record(view, padded_len(record_len))
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-/// Envelope layout (little-endian; `str` is a u32 byte length then UTF-8):
-/// session u64, transaction seq u32, reverse-path tag u8 (0 `<>`, 1 mailbox)
-/// [local str, domain str], has_size u8, size u64, body type u8 (0 unset,
-/// 1 7BIT, 2 8BITMIME, 3 BINARYMIME), smtputf8 u8, peer str, lhlo str, then
-/// per recipient: local str, domain str, has_detail u8 [delimiter u32 (a
-/// Unicode scalar), base str, tag str].
-fn encode_envelope(out: &mut Vec<u8>, e: &Envelope) {
-    out.extend_from_slice(&e.transaction.session.to_le_bytes());
-    out.extend_from_slice(&e.transaction.seq.to_le_bytes());
-    match &e.reverse_path {
-        ReversePath::Null => out.push(0),
-        ReversePath::Mailbox(m) => {
-            out.push(1);
-            put_str(out, &m.local);
-            put_str(out, &m.domain);
-        }
-    }
-    out.push(e.params.size.is_some() as u8);
-    out.extend_from_slice(&e.params.size.unwrap_or(0).to_le_bytes());
-    out.push(match e.params.body {
-        None => 0,
-        Some(BodyType::SevenBit) => 1,
-        Some(BodyType::EightBitMime) => 2,
-        Some(BodyType::BinaryMime) => 3,
-    });
-    out.push(e.params.smtputf8 as u8);
-    put_str(out, &e.client.peer);
-    put_str(out, &e.client.lhlo);
-    for r in &e.recipients {
-        put_str(out, &r.mailbox.local);
-        put_str(out, &r.mailbox.domain);
-        match &r.detail {
-            None => out.push(0),
-            Some(d) => {
-                out.push(1);
-                out.extend_from_slice(&(d.delimiter as u32).to_le_bytes());
-                put_str(out, &d.base);
-                put_str(out, &d.tag);
-            }
-        }
-    }
-}
-
-struct Cursor<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
-        if self.buf.len() < n {
-            return Err(RecordError::Envelope("truncated"));
-        }
-        let (a, b) = self.buf.split_at(n);
-        self.buf = b;
-        Ok(a)
-    }
-    fn u8(&mut self) -> Result<u8, RecordError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u32(&mut self) -> Result<u32, RecordError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
-    }
-    fn u64(&mut self) -> Result<u64, RecordError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
-    }
-    fn flag(&mut self) -> Result<bool, RecordError> {
-        match self.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            _ => Err(RecordError::Envelope("flag byte is neither 0 nor 1")),
-        }
-    }
-    fn str(&mut self) -> Result<String, RecordError> {
-        let n = self.u32()? as usize;
-        let b = self.take(n)?;
-        String::from_utf8(b.to_vec()).map_err(|_| RecordError::Envelope("string is not UTF-8"))
-    }
-}
-
-fn decode_envelope(buf: &[u8], recipients: u32) -> Result<Envelope, RecordError> {
-    let mut c = Cursor { buf };
-    let transaction = TransactionId {
-        session: c.u64()?,
-        seq: c.u32()?,
-    };
-    let reverse_path = match c.u8()? {
-        0 => ReversePath::Null,
-        1 => ReversePath::Mailbox(Mailbox {
-            local: c.str()?,
-            domain: c.str()?,
-        }),
-        _ => return Err(RecordError::Envelope("unknown reverse-path tag")),
-    };
-    let has_size = c.flag()?;
-    let size = c.u64()?;
-    let body = match c.u8()? {
-        0 => None,
-        1 => Some(BodyType::SevenBit),
-        2 => Some(BodyType::EightBitMime),
-        3 => Some(BodyType::BinaryMime),
-        _ => return Err(RecordError::Envelope("unknown BODY= type")),
-    };
-    let smtputf8 = c.flag()?;
-    let client = ClientInfo {
-        peer: c.str()?,
-        lhlo: c.str()?,
-    };
-    // Each recipient takes at least 9 bytes: a bound on the allocation that
-    // bad input cannot inflate.
-    if recipients as usize > c.buf.len() / 9 {
-        return Err(RecordError::Envelope(
-            "recipient count exceeds envelope size",
-        ));
-    }
-    let mut rcpts = Vec::with_capacity(recipients as usize);
-    for _ in 0..recipients {
-        let mailbox = Mailbox {
-            local: c.str()?,
-            domain: c.str()?,
-        };
-        let detail = if c.flag()? {
-            let delimiter = char::from_u32(c.u32()?)
-                .ok_or(RecordError::Envelope("detail delimiter is not a character"))?;
-            Some(Detail {
-                delimiter,
-                base: c.str()?,
-                tag: c.str()?,
-            })
-        } else {
-            None
-        };
-        rcpts.push(Recipient { mailbox, detail });
-    }
-    if !c.buf.is_empty() {
-        return Err(RecordError::Envelope("bytes left after the last recipient"));
-    }
-    Ok(Envelope {
-        reverse_path,
-        params: MailParams {
-            size: has_size.then_some(size),
-            body,
-            smtputf8,
-        },
-        recipients: rcpts,
-        client,
-        transaction,
-    })
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::envelope::{
+        BodyType, ClientInfo, Detail, MailParams, Mailbox, Recipient, ReversePath, TransactionId,
+    };
 
     pub(crate) fn sample_message(n: usize, body_len: usize) -> Message {
         let mut recipients = vec![Recipient {
