@@ -5,6 +5,12 @@
 //! its full capacity (so every block is allocated and written: no unwritten
 //! extents whose first write would be a metadata change), given its header,
 //! `fsync`ed, renamed to its final name, and then the directory is `fsync`ed.
+//! The zeros go past the page cache where the file system allows it, in
+//! chunks of [`ZERO_CHUNK_BYTES`]: through the page cache, the closing `fsync`
+//! sent the whole segment to the disk at once, and the writers' `fdatasync`
+//! calls waited behind it (up to 35 ms on the 2-core VM; 64 pipelined
+//! connections lost about 15% of their throughput to it, docs/BENCHMARKS.md
+//! "Fifth session").
 //! Only then may a record be written into it. Writes never grow the file.
 //! The first part (prepare) is slow and runs ahead of need on a helper
 //! thread; the second (install: rename, directory fsync) is quick.
@@ -15,7 +21,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::fs::{Storage, StorageFile};
+use super::fs::{AlignedBuf, DIRECT_ALIGN, Storage, StorageFile};
 
 /// First eight bytes of every segment.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"LMTPSPOL";
@@ -27,8 +33,10 @@ pub const SEGMENT_HEADER_LEN: u64 = 64;
 pub const SEGMENT_SUFFIX: &str = ".seg";
 /// File name suffix of a segment being prepared (removed by recovery).
 pub const PREP_SUFFIX: &str = ".seg.prep";
-/// Zero-fill chunk: large enough to be efficient, small enough to be cheap.
-const ZERO_CHUNK_BYTES: usize = 1 << 20;
+/// Zero-fill chunk: one write of this many bytes at a time, so the disk's
+/// queue never holds much of a segment ahead of a writer's sync (256 KiB
+/// measured better at the tail than 1 and 4 MiB, and as well as 64 KiB).
+pub const ZERO_CHUNK_BYTES: usize = 256 << 10;
 
 /// Identifies a segment: the writer stream it belongs to and its index in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -174,23 +182,43 @@ pub struct PreparedSegment {
 
 /// Steps 1-3 of making a segment: create `.prep`, zero-fill it to `capacity`,
 /// write the header, `fsync`. Slow (it writes `capacity` bytes), so writers
-/// run it ahead of need on another thread. On error the `.prep` file is
-/// removed (best effort).
+/// run it ahead of need on another thread. `direct`: write the zeros past
+/// the page cache (`O_DIRECT`) where the file system allows it (the
+/// configuration's `spool.direct_io`); else, and for a last chunk that does
+/// not end on a block, through it. On error the `.prep` file is removed
+/// (best effort).
 pub fn prepare_segment(
     storage: &dyn Storage,
     dir: &Path,
     id: SegmentId,
     capacity: u64,
+    direct: bool,
 ) -> io::Result<PreparedSegment> {
     assert!(capacity > SEGMENT_HEADER_LEN);
     let prep = dir.join(id.prep_name());
     let result = (|| {
         let mut file = storage.create(&prep)?;
-        let zeros = vec![0u8; ZERO_CHUNK_BYTES];
+        let mut zeros = AlignedBuf::new();
+        zeros.get(ZERO_CHUNK_BYTES).fill(0);
+        let mut direct = direct;
         let mut at = 0u64;
         while at < capacity {
             let n = (capacity - at).min(ZERO_CHUNK_BYTES as u64) as usize;
-            file.write_all_at(&zeros[..n], at)?;
+            let chunk = zeros.as_slice(n);
+            if direct && n % DIRECT_ALIGN == 0 {
+                match file.write_direct_at(chunk, at) {
+                    Ok(()) => {
+                        at += n as u64;
+                        continue;
+                    }
+                    // This file system takes no direct writes: the page
+                    // cache for the rest (the file's size is settled by
+                    // the fsync below either way).
+                    Err(e) if e.kind() == io::ErrorKind::Unsupported => direct = false,
+                    Err(e) => return Err(e),
+                }
+            }
+            file.write_all_at(chunk, at)?;
             at += n as u64;
         }
         let header = SegmentHeader {
@@ -256,8 +284,9 @@ pub fn create_segment(
     dir: &Path,
     id: SegmentId,
     capacity: u64,
+    direct: bool,
 ) -> io::Result<OpenSegment> {
-    let p = prepare_segment(storage, dir, id, capacity)?;
+    let p = prepare_segment(storage, dir, id, capacity, direct)?;
     install_segment(storage, dir, p)
 }
 
@@ -300,13 +329,78 @@ mod tests {
     }
 
     #[test]
+    fn segments_are_zeroed_full_size_direct_or_not_at_any_size() {
+        let chunk = ZERO_CHUNK_BYTES as u64;
+        for direct in [true, false] {
+            // Below one chunk and not on a block; whole chunks; chunks, a
+            // block and a tail that is not one.
+            for capacity in [100_000, 3 * chunk, 2 * chunk + 4096 + 100] {
+                let dir = tempfile::tempdir().unwrap();
+                let id = SegmentId {
+                    writer: 0,
+                    index: 7,
+                };
+                let seg = create_segment(&RealStorage, dir.path(), id, capacity, direct).unwrap();
+                drop(seg);
+                let bytes = std::fs::read(dir.path().join(id.file_name())).unwrap();
+                assert_eq!(bytes.len() as u64, capacity, "direct {direct}");
+                assert_eq!(SegmentHeader::parse(&bytes).unwrap().capacity, capacity);
+                assert!(
+                    bytes[SEGMENT_HEADER_LEN as usize..].iter().all(|&b| b == 0),
+                    "direct {direct}, capacity {capacity}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn prepared_zeros_are_durable_with_or_without_direct_io() {
+        use crate::spool::fs::FaultyStorage;
+        let capacity = 2 * ZERO_CHUNK_BYTES as u64 + 12_345;
+        for refuse in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let s = FaultyStorage::new();
+            s.refuse_direct_io(refuse);
+            let id = SegmentId {
+                writer: 1,
+                index: 2,
+            };
+            let p = prepare_segment(&s, dir.path(), id, capacity, true).unwrap();
+            let prep = dir.path().join(id.prep_name());
+            assert!(s.is_durable(&prep, 0, capacity), "refused: {refuse}");
+            let bytes = std::fs::read(&prep).unwrap();
+            assert_eq!(bytes.len() as u64, capacity);
+            assert!(bytes[SEGMENT_HEADER_LEN as usize..].iter().all(|&b| b == 0));
+            discard_segment(&s, p);
+            assert!(!prep.exists());
+        }
+    }
+
+    #[test]
+    fn a_failed_zero_fill_leaves_no_prep_file() {
+        use crate::spool::fs::{FaultOp, FaultyStorage};
+        for direct in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let s = FaultyStorage::new();
+            s.fail(FaultOp::Write, libc::EIO, 1);
+            let id = SegmentId {
+                writer: 0,
+                index: 3,
+            };
+            let r = prepare_segment(&s, dir.path(), id, 1 << 20, direct);
+            assert_eq!(r.err().and_then(|e| e.raw_os_error()), Some(libc::EIO));
+            assert!(!dir.path().join(id.prep_name()).exists());
+        }
+    }
+
+    #[test]
     fn created_segment_is_zeroed_full_size_with_header() {
         let dir = tempfile::tempdir().unwrap();
         let id = SegmentId {
             writer: 0,
             index: 1,
         };
-        let seg = create_segment(&RealStorage, dir.path(), id, 100_000).unwrap();
+        let seg = create_segment(&RealStorage, dir.path(), id, 100_000, true).unwrap();
         assert_eq!(seg.write_offset, SEGMENT_HEADER_LEN);
         let bytes = std::fs::read(dir.path().join(id.file_name())).unwrap();
         assert_eq!(bytes.len(), 100_000);

@@ -443,9 +443,10 @@ impl Writer {
         };
         let storage = self.shared.config.storage.clone();
         let dir = self.shared.config.dir.clone();
+        let direct = self.shared.config.direct_io;
         let spawned = std::thread::Builder::new()
             .name(format!("spool-prep-{}", self.id))
-            .spawn(move || segment::prepare_segment(storage.as_ref(), &dir, id, capacity));
+            .spawn(move || segment::prepare_segment(storage.as_ref(), &dir, id, capacity, direct));
         match spawned {
             Ok(h) => self.spare = Some((capacity, h)),
             Err(_) => self.unreserve(capacity),
@@ -486,10 +487,11 @@ impl Writer {
         }
         let id = self.reserve(capacity)?;
         let seg =
-            segment::create_segment(cfg.storage.as_ref(), &cfg.dir, id, capacity).map_err(|e| {
-                self.unreserve(capacity);
-                classify(&e)
-            })?;
+            segment::create_segment(cfg.storage.as_ref(), &cfg.dir, id, capacity, cfg.direct_io)
+                .map_err(|e| {
+                    self.unreserve(capacity);
+                    classify(&e)
+                })?;
         self.stats.add(&self.stats.segments_created, 1);
         Ok(seg)
     }
