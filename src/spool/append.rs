@@ -29,13 +29,13 @@
 
 use std::io;
 
-use super::fs::{AlignedBuf, DIRECT_ALIGN};
+use super::fs::DIRECT_ALIGN;
 use super::segment::{OpenSegment, SegmentId};
+use super::stage::{RecordOut, StageBuf};
 
 /// Writes records at the end of segments, directly where it can.
 pub(crate) struct Appender {
     direct: bool,
-    stage: AlignedBuf,
     /// The partial block before the write offset of the segment last
     /// appended to: (segment, offset of the block, its bytes up to the
     /// write offset). `None`: read it back from the file first.
@@ -46,11 +46,7 @@ impl Appender {
     /// `direct`: try `O_DIRECT` writes (the configuration's
     /// `spool.direct_io`).
     pub(crate) fn new(direct: bool) -> Appender {
-        Appender {
-            direct,
-            stage: AlignedBuf::new(),
-            tail: None,
-        }
+        Appender { direct, tail: None }
     }
 
     /// Whether appends still go past the page cache.
@@ -59,16 +55,53 @@ impl Appender {
         self.direct
     }
 
-    /// Writes `data` at `seg.write_offset` and moves the offset past it. The
+    /// Starts an append to `seg` in `buf`: clears it and, for a direct
+    /// write, puts the bytes of the partial block before the write offset
+    /// first. Returns how many bytes that is (the *lead*); the caller puts
+    /// the records after them and calls [`Appender::finish`].
+    pub(crate) fn begin(&mut self, seg: &mut OpenSegment, buf: &mut StageBuf) -> io::Result<usize> {
+        buf.clear();
+        if !self.direct {
+            return Ok(0);
+        }
+        let at = seg.write_offset;
+        let align = DIRECT_ALIGN as u64;
+        let block = at - at % align;
+        let head = (at - block) as usize;
+        buf.set_len_zeroed(head);
+        match &self.tail {
+            Some((id, off, bytes)) if *id == seg.id && *off == block && bytes.len() == head => {
+                buf.copy_from_slice(bytes);
+            }
+            _ => {
+                if let Err(e) = seg.file.read_exact_at(buf, block) {
+                    self.tail = None;
+                    buf.clear();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(head)
+    }
+
+    /// Writes `buf[lead..]` (after [`Appender::begin`] for the same segment
+    /// and offset) at `seg.write_offset` and moves the offset past it. The
     /// offset moves before the write, so that after an error it covers
     /// everything the failed write may have touched. Durable only after the
-    /// segment's `sync_data`.
-    pub(crate) fn append(&mut self, seg: &mut OpenSegment, data: &[u8]) -> io::Result<()> {
-        if data.is_empty() {
+    /// segment's `sync_data`. A direct write pads `buf` with zeros to the
+    /// next block and writes all of it from the block before the offset.
+    pub(crate) fn finish(
+        &mut self,
+        seg: &mut OpenSegment,
+        buf: &mut StageBuf,
+        lead: usize,
+    ) -> io::Result<()> {
+        let len = buf.len() - lead;
+        if len == 0 {
             return Ok(());
         }
         let at = seg.write_offset;
-        let end = at + data.len() as u64;
+        let end = at + len as u64;
         assert!(end <= seg.capacity, "a write must not grow the segment");
         seg.write_offset = end;
         let align = DIRECT_ALIGN as u64;
@@ -76,30 +109,20 @@ impl Appender {
         let padded_end = end.div_ceil(align) * align;
         if !self.direct || padded_end > seg.capacity {
             self.tail = None;
-            return seg.file.write_all_at(data, at);
+            return seg.file.write_all_at(&buf[lead..], at);
         }
-        let head = (at - block) as usize;
-        let len = (padded_end - block) as usize;
-        // Stage: the tail's bytes, the records, zeros.
-        let stage = self.stage.get(len);
-        match &self.tail {
-            Some((id, off, bytes)) if *id == seg.id && *off == block && bytes.len() == head => {
-                stage[..head].copy_from_slice(bytes);
-            }
-            _ => {
-                if let Err(e) = seg.file.read_exact_at(&mut stage[..head], block) {
-                    self.tail = None;
-                    return Err(e);
-                }
-            }
-        }
-        stage[head..head + data.len()].copy_from_slice(data);
-        stage[head + data.len()..].fill(0);
+        assert_eq!(
+            lead as u64,
+            at - block,
+            "begin() was called for this offset"
+        );
+        // The records, then zeros to the block boundary.
+        buf.set_len_zeroed((padded_end - block) as usize);
         // The next tail, taken before the write so nothing is kept from a
         // failed one (it is dropped below).
         let next_block = end - end % align;
-        let next = stage[(next_block - block) as usize..(end - block) as usize].to_vec();
-        match seg.file.write_direct_at(self.stage.as_slice(len), block) {
+        let next = buf[(next_block - block) as usize..(end - block) as usize].to_vec();
+        match seg.file.write_direct_at(buf, block) {
             Ok(()) => {
                 self.tail = Some((seg.id, next_block, next));
                 Ok(())
@@ -110,7 +133,7 @@ impl Appender {
                 );
                 self.direct = false;
                 self.tail = None;
-                seg.file.write_all_at(data, at)
+                seg.file.write_all_at(&buf[lead..lead + len], at)
             }
             Err(e) => {
                 self.tail = None;
@@ -119,11 +142,14 @@ impl Appender {
         }
     }
 
-    /// Frees a staging buffer grown past `keep` bytes by one large batch.
-    pub(crate) fn shrink(&mut self, keep: usize) {
-        if self.stage.capacity() > keep {
-            self.stage = AlignedBuf::new();
-        }
+    /// Writes `data` at `seg.write_offset` and moves the offset past it
+    /// ([`Appender::begin`] and [`Appender::finish`] with a copy of `data`).
+    #[cfg(test)]
+    pub(crate) fn append(&mut self, seg: &mut OpenSegment, data: &[u8]) -> io::Result<()> {
+        let mut buf = StageBuf::new();
+        let lead = self.begin(seg, &mut buf)?;
+        buf.put(data);
+        self.finish(seg, &mut buf, lead)
     }
 }
 

@@ -58,6 +58,9 @@ impl AlignedBuf {
     }
 
     fn start(&self) -> usize {
+        if self.raw.is_empty() {
+            return 0; // nothing allocated: an empty slice at 0
+        }
         // For a byte pointer and a power-of-two alignment this is exact.
         self.raw.as_ptr().align_offset(DIRECT_ALIGN)
     }

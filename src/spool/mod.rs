@@ -77,6 +77,7 @@ pub mod record;
 pub mod recover;
 pub mod retention;
 pub mod segment;
+pub mod stage;
 pub mod stats;
 pub mod timefmt;
 pub mod watermark;

@@ -27,6 +27,8 @@ mod envelope_bytes;
 use crate::envelope::{Envelope, Message, QueueId};
 use envelope_bytes::{Build, Same, Sound};
 
+use super::stage::RecordOut;
+
 /// First four bytes of every record.
 pub const RECORD_MAGIC: [u8; 4] = *b"LSPR";
 /// The record format this code writes and reads.
@@ -113,24 +115,28 @@ fn crc_of(rec: &[u8]) -> u32 {
 /// returns its padded length. The record is parsed back and compared with its
 /// inputs before this returns (panics if that fails: a broken invariant).
 pub fn encode(
-    out: &mut Vec<u8>,
+    out: &mut impl RecordOut,
     seq: u64,
     queue_id: QueueId,
     received_at_us: u64,
     msg: &Message,
 ) -> Result<usize, RecordError> {
     let start = out.len();
-    out.resize(start + RECORD_HEADER_LEN, 0);
+    out.set_len_zeroed(start + RECORD_HEADER_LEN);
     envelope_bytes::encode(out, &msg.envelope);
     let envelope_len = out.len() - start - RECORD_HEADER_LEN;
     let record_len = RECORD_HEADER_LEN as u64 + envelope_len as u64 + msg.body.len() as u64;
+    // On error nothing of this record stays in `out`.
+    let recipients = u32::try_from(msg.envelope.recipients.len());
     if record_len > RECORD_BYTES_MAX as u64 || envelope_len > u32::MAX as usize {
-        out.truncate(start);
+        out.set_len_zeroed(start);
         return Err(RecordError::TooLarge(record_len as usize));
     }
-    let recipients = u32::try_from(msg.envelope.recipients.len())
-        .map_err(|_| RecordError::TooLarge(record_len as usize))?;
-    out.extend_from_slice(&msg.body);
+    let Ok(recipients) = recipients else {
+        out.set_len_zeroed(start);
+        return Err(RecordError::TooLarge(record_len as usize));
+    };
+    out.put(&msg.body);
     {
         let h = &mut out[start..start + RECORD_HEADER_LEN];
         h[0..4].copy_from_slice(&RECORD_MAGIC);
@@ -147,7 +153,7 @@ pub fn encode(
     let crc = crc_of(&out[start..]);
     out[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
     let padded = padded_len(record_len as usize);
-    out.resize(start + padded, 0);
+    out.set_len_zeroed(start + padded);
 
     // Check the record right before it is written: it must parse back to
     // exactly what was asked for. Its checksum is not computed again: it was

@@ -31,6 +31,7 @@ use super::append::Appender;
 use super::record;
 use super::recover::{self, StreamEnd};
 use super::segment::{self, OpenSegment, PreparedSegment, SEGMENT_HEADER_LEN, SegmentId};
+use super::stage::{RecordOut, StageBuf};
 use super::stats::WriterStats;
 use super::watermark::{Watermark, WatermarkFile};
 use super::{Job, Shared, SpoolError, WriterMsg, queue_id_from_parts};
@@ -62,7 +63,7 @@ pub(crate) struct Writer {
     last_ms: u64,
     /// Set while refusing work for lack of space: when to look again.
     full_retry_at: Option<Instant>,
-    buf: Vec<u8>,
+    buf: StageBuf,
     /// Writes `buf` into segments (directly where the file system allows).
     appender: Appender,
     /// Exponentially weighted mean gap between submissions, nanoseconds.
@@ -113,7 +114,7 @@ impl Writer {
             next_seq: end.as_ref().map_or(0, |e| e.next_seq),
             last_ms: end.as_ref().map_or(0, |e| e.last_id_ms),
             full_retry_at: None,
-            buf: Vec::new(),
+            buf: StageBuf::new(),
             appender: Appender::new(direct_io),
             gap_ewma_ns: u64::MAX / 2,
             last_submitted: None,
@@ -217,9 +218,8 @@ impl Writer {
             // One huge message must not pin its buffer for the writer's life.
             let keep = 2 * cfg.batch_bytes_max.max(1 << 20);
             if self.buf.capacity() > keep {
-                self.buf = Vec::new();
+                self.buf = StageBuf::new();
             }
-            self.appender.shrink(keep);
         }
         // A spare that will not be used: leave no `.prep` file behind.
         if let Some(p) = self.take_spare() {
@@ -344,10 +344,18 @@ impl Writer {
         let now_ms = segment::unix_ms(SystemTime::now());
         let ms = now_ms.max(self.last_ms);
         self.last_ms = ms;
-        self.buf.clear();
-        // File offset of buf[0] in the last segment of `segs`.
+        // Records are encoded straight into the buffer the write takes, after
+        // the `lead` the appender put first (see append.rs and stage.rs).
+        let mut lead = {
+            let seg = &mut segs.last_mut().expect("one segment").0;
+            self.appender
+                .begin(seg, &mut self.buf)
+                .map_err(|e| classify(&e))?
+        };
+        // File offset of buf[lead] in the last segment of `segs`.
         let mut base = segs.last().expect("one segment").0.write_offset;
         let mut records = 0u64;
+        let mut bytes = 0u64;
         for (job, slot) in batch.iter().zip(outcomes.iter_mut()) {
             let start = self.buf.len();
             let id = queue_id_from_parts(ms, self.id, self.next_seq);
@@ -364,20 +372,26 @@ impl Writer {
                     }
                 };
             let capacity = segs.last().expect("one segment").0.capacity;
-            if base + self.buf.len() as u64 > capacity {
+            if base + (self.buf.len() - lead) as u64 > capacity {
                 // This record does not fit: write what precedes it, seal the
                 // segment (synced below, before any outcome), start another.
-                if start > 0 {
+                // Rare (once a segment), so the record is simply copied.
+                let record = self.buf[start..].to_vec();
+                self.buf.set_len_zeroed(start);
+                if start > lead {
                     let seg = &mut segs.last_mut().expect("one segment").0;
                     debug_assert_eq!(seg.write_offset, base);
+                    bytes += (start - lead) as u64;
                     self.appender
-                        .append(seg, &self.buf[..start])
+                        .finish(seg, &mut self.buf, lead)
                         .map_err(|e| classify(&e))?;
                 }
-                let fresh = self.new_segment(SEGMENT_HEADER_LEN + len as u64)?;
+                let mut fresh = self.new_segment(SEGMENT_HEADER_LEN + len as u64)?;
                 base = fresh.write_offset;
+                let begun = self.appender.begin(&mut fresh, &mut self.buf);
                 segs.push((fresh, base));
-                self.buf.drain(..start);
+                lead = begun.map_err(|e| classify(&e))?;
+                self.buf.put(&record);
             }
             *slot = Some(CommitOutcome::Committed(id));
             self.next_seq += 1;
@@ -387,11 +401,12 @@ impl Writer {
             return Ok(());
         }
         let seg = &mut segs.last_mut().expect("one segment").0;
-        assert!(base + self.buf.len() as u64 <= seg.capacity);
-        if !self.buf.is_empty() {
+        assert!(base + (self.buf.len() - lead) as u64 <= seg.capacity);
+        if self.buf.len() > lead {
             debug_assert_eq!(seg.write_offset, base);
+            bytes += (self.buf.len() - lead) as u64;
             self.appender
-                .append(seg, &self.buf)
+                .finish(seg, &mut self.buf, lead)
                 .map_err(|e| classify(&e))?;
         }
         for (s, _) in segs.iter_mut() {
@@ -399,8 +414,7 @@ impl Writer {
             s.file.sync_data().map_err(|e| classify(&e))?;
             self.stats.record_fsync(t.elapsed().as_nanos() as u64);
         }
-        self.stats
-            .add(&self.stats.bytes_written, self.buf.len() as u64);
+        self.stats.add(&self.stats.bytes_written, bytes);
         Ok(())
     }
 

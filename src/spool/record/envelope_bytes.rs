@@ -24,43 +24,44 @@ use crate::envelope::{
     BodyType, ClientInfo, Detail, Envelope, MailParams, Mailbox, Recipient, ReversePath,
     TransactionId,
 };
+use crate::spool::stage::RecordOut;
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
+fn put_str(out: &mut impl RecordOut, s: &str) {
+    out.put(&(s.len() as u32).to_le_bytes());
+    out.put(s.as_bytes());
 }
 
 /// Appends the bytes of `e` to `out`.
-pub(super) fn encode(out: &mut Vec<u8>, e: &Envelope) {
-    out.extend_from_slice(&e.transaction.session.to_le_bytes());
-    out.extend_from_slice(&e.transaction.seq.to_le_bytes());
+pub(super) fn encode(out: &mut impl RecordOut, e: &Envelope) {
+    out.put(&e.transaction.session.to_le_bytes());
+    out.put(&e.transaction.seq.to_le_bytes());
     match &e.reverse_path {
-        ReversePath::Null => out.push(0),
+        ReversePath::Null => out.put(&[0]),
         ReversePath::Mailbox(m) => {
-            out.push(1);
+            out.put(&[1]);
             put_str(out, &m.local);
             put_str(out, &m.domain);
         }
     }
-    out.push(e.params.size.is_some() as u8);
-    out.extend_from_slice(&e.params.size.unwrap_or(0).to_le_bytes());
-    out.push(match e.params.body {
+    out.put(&[e.params.size.is_some() as u8]);
+    out.put(&e.params.size.unwrap_or(0).to_le_bytes());
+    out.put(&[match e.params.body {
         None => 0,
         Some(BodyType::SevenBit) => 1,
         Some(BodyType::EightBitMime) => 2,
         Some(BodyType::BinaryMime) => 3,
-    });
-    out.push(e.params.smtputf8 as u8);
+    }]);
+    out.put(&[e.params.smtputf8 as u8]);
     put_str(out, &e.client.peer);
     put_str(out, &e.client.lhlo);
     for r in &e.recipients {
         put_str(out, &r.mailbox.local);
         put_str(out, &r.mailbox.domain);
         match &r.detail {
-            None => out.push(0),
+            None => out.put(&[0]),
             Some(d) => {
-                out.push(1);
-                out.extend_from_slice(&(d.delimiter as u32).to_le_bytes());
+                out.put(&[1]);
+                out.put(&(d.delimiter as u32).to_le_bytes());
                 put_str(out, &d.base);
                 put_str(out, &d.tag);
             }
