@@ -11,7 +11,9 @@
 //! a batch rarely ends on one. So the appender keeps the bytes of the
 //! partial block before the segment's write offset (the *tail*: records
 //! already committed, or the header), and each append writes tail + new
-//! records + zeros up to the next boundary, from an aligned staging buffer.
+//! records + zeros up to the next boundary, from one aligned buffer: [`Appender::begin`]
+//! puts the tail first, the writer encodes its records behind it (stage.rs),
+//! [`Appender::finish`] pads and writes.
 //! Rewriting the tail with the same bytes is safe: a torn write leaves each
 //! of its bytes old or new, and old and new are equal there; the zeros past
 //! the records are what the zero-filled segment already holds, so readers and
