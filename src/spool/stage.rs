@@ -6,7 +6,7 @@
 //! connections with 4 KiB messages, and grows with message size
 //! (docs/BENCHMARKS.md, "Fifth session").
 //!
-//! How: [`StageBuf`] is a byte buffer whose first byte is always on a
+//! How: `StageBuf` is a byte buffer whose first byte is always on a
 //! [`DIRECT_ALIGN`] boundary (it lives in the aligned part of a `Vec` one
 //! block longer than its capacity, like `fs::AlignedBuf`, and keeps that
 //! when it grows). [`RecordOut`] is what the record encoder writes into: a
