@@ -54,6 +54,8 @@ SERVERS=${SERVERS:-"sink dovecot ours"}
 GENERATORS=${GENERATORS:-"source load"}
 WORK=${WORK:-$ROOT/bench-out/peers}
 BIN=${BIN:-$ROOT/target/release/lmtp-ingest}
+# Dovecot resolves relative paths (its log file) from its own base_dir.
+WORK=$(realpath -m "$WORK"); BIN=$(realpath -m "$BIN")
 PORT_BASE=${PORT_BASE:-2460}
 OURS_PORT=$PORT_BASE; SINK_PORT=$((PORT_BASE + 1)); DOVECOT_PORT=$((PORT_BASE + 2))
 DOC=$ROOT/docs/BENCHMARKS.md
