@@ -25,7 +25,7 @@
 mod envelope_bytes;
 
 use crate::envelope::{Envelope, Message, QueueId};
-use envelope_bytes::{Build, Same, Sound};
+use envelope_bytes::{Build, Same, Sound, Visit};
 
 use super::stage::RecordOut;
 
@@ -161,20 +161,17 @@ pub fn encode(
     // `crc_of`; `any_message_round_trips` parses with the check), and a
     // second pass over the body was about 1% of the server's CPU at 64
     // pipelined connections (docs/BENCHMARKS.md, "Fourth session").
-    match parse_checked(&out[start..], false) {
+    // The envelope's one checking walk compares it, field by field, with the
+    // message's, allocating nothing.
+    let mut same = Same::new(&msg.envelope);
+    match parse_with(&out[start..], false, &mut same) {
         Parsed::Record(v, len) => {
             assert_eq!(len, padded);
             assert_eq!(v.header.seq, seq);
             assert_eq!(v.header.queue_id, queue_id);
             assert_eq!(v.header.received_at_us, received_at_us);
             assert_eq!(v.body.len(), msg.body.len());
-            // Field by field against the message, allocating nothing.
-            let mut same = Same::new(&msg.envelope);
-            let walked = envelope_bytes::walk(v.envelope_bytes, v.header.recipients, &mut same);
-            assert!(
-                walked.is_ok() && same.matched(),
-                "envelope did not round-trip"
-            );
+            assert!(same.matched(), "envelope did not round-trip");
         }
         other => panic!("record just encoded does not parse: {other:?}"),
     }
@@ -184,11 +181,12 @@ pub fn encode(
 /// Parses the record at the start of `buf`, checking magic, version, lengths,
 /// checksum and envelope structure.
 pub fn parse(buf: &[u8]) -> Parsed<'_> {
-    parse_checked(buf, true)
+    parse_with(buf, true, &mut Sound)
 }
 
-/// [`parse`], with the checksum verified only if `verify_crc`.
-fn parse_checked(buf: &[u8], verify_crc: bool) -> Parsed<'_> {
+/// [`parse`], with the checksum verified only if `verify_crc`, and the
+/// envelope's fields handed to `v` as its checking walk reads them.
+fn parse_with<'a>(buf: &'a [u8], verify_crc: bool, v: &mut impl Visit<'a>) -> Parsed<'a> {
     if buf.len() < 16 {
         if buf.iter().all(|&b| b == 0) {
             return Parsed::End;
@@ -236,7 +234,7 @@ fn parse_checked(buf: &[u8], verify_crc: bool) -> Parsed<'_> {
         return Parsed::Invalid(RecordError::Length(record_len as u64));
     }
     let envelope_bytes = &rec[RECORD_HEADER_LEN..env_end as usize];
-    if let Err(e) = envelope_bytes::walk(envelope_bytes, header.recipients, &mut Sound) {
+    if let Err(e) = envelope_bytes::walk(envelope_bytes, header.recipients, v) {
         return Parsed::Invalid(e);
     }
     let view = RecordView {

@@ -255,13 +255,15 @@ impl<'a> Visit<'a> for Build {
     }
 }
 
-/// Compares, field by field, with an envelope in memory; `same` stays true
-/// only if every field the walk hands out equals it and the recipient count
-/// matches (check `next == want.recipients.len()` after the walk).
+/// Compares, field by field, with an envelope in memory; after a walk that
+/// succeeded, [`Same::matched`] says whether every field and the recipient
+/// count were equal.
 pub(super) struct Same<'e> {
-    pub(super) want: &'e Envelope,
-    pub(super) same: bool,
-    pub(super) next: usize,
+    want: &'e Envelope,
+    /// No field differed so far.
+    same: bool,
+    /// Recipients seen so far.
+    next: usize,
 }
 
 impl<'e> Same<'e> {
