@@ -69,10 +69,19 @@ impl AlignedBuf {
     /// whole blocks to fit.
     pub(crate) fn get(&mut self, len: usize) -> &mut [u8] {
         if len > self.capacity() {
-            self.raw = vec![0u8; len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN + DIRECT_ALIGN];
+            self.grow(len, 0);
         }
         let at = self.start();
         &mut self.raw[at..at + len]
+    }
+
+    /// Grows to at least `capacity` bytes (whole blocks; a new zeroed
+    /// allocation), moving the first `keep` bytes to its aligned start.
+    pub(crate) fn grow(&mut self, capacity: usize, keep: usize) {
+        let mut raw = vec![0u8; capacity.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN + DIRECT_ALIGN];
+        let to = raw.as_ptr().align_offset(DIRECT_ALIGN);
+        raw[to..to + keep].copy_from_slice(self.as_slice(keep));
+        self.raw = raw;
     }
 
     pub(crate) fn as_slice(&self, len: usize) -> &[u8] {

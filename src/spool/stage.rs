@@ -6,17 +6,18 @@
 //! connections with 4 KiB messages, and grows with message size
 //! (docs/BENCHMARKS.md, "Fifth session").
 //!
-//! How: `StageBuf` is a byte buffer whose first byte is always on a
-//! [`DIRECT_ALIGN`] boundary (it lives in the aligned part of a `Vec` one
-//! block longer than its capacity, like `fs::AlignedBuf`, and keeps that
-//! when it grows). [`RecordOut`] is what the record encoder writes into: a
-//! plain `Vec<u8>` or a `StageBuf`.
+//! How: `StageBuf` is a byte buffer whose first byte is always on a 4 KiB
+//! (`fs::DIRECT_ALIGN`) boundary: an `fs::AlignedBuf` and a length, grown
+//! with its contents kept. [`RecordOut`] is what the record encoder writes
+//! into: a plain `Vec<u8>` or a `StageBuf`.
 //!
 //! Must not: use unsafe code, or let its contents start anywhere but on a
 //! block boundary.
 
 use std::ops::{Deref, DerefMut};
 
+use super::fs::AlignedBuf;
+#[cfg(test)]
 use super::fs::DIRECT_ALIGN;
 
 /// A growable byte buffer the record encoder appends to.
@@ -39,7 +40,7 @@ impl RecordOut for Vec<u8> {
 /// Bytes starting on a block boundary; see the module comment.
 #[derive(Default)]
 pub(crate) struct StageBuf {
-    raw: Vec<u8>,
+    buf: AlignedBuf,
     len: usize,
 }
 
@@ -48,67 +49,49 @@ impl StageBuf {
         StageBuf::default()
     }
 
-    fn start(&self) -> usize {
-        if self.raw.is_empty() {
-            return 0; // nothing allocated: an empty slice at 0
-        }
-        // For a byte pointer and a power-of-two alignment this is exact.
-        self.raw.as_ptr().align_offset(DIRECT_ALIGN)
-    }
-
     /// Bytes it holds without growing.
     pub(crate) fn capacity(&self) -> usize {
-        self.raw.len().saturating_sub(DIRECT_ALIGN)
+        self.buf.capacity()
     }
 
     pub(crate) fn clear(&mut self) {
         self.len = 0;
     }
 
-    /// Makes room for `additional` more bytes: a new allocation of at least
-    /// twice the size, whole blocks, with the contents moved to its aligned
-    /// start.
+    /// Makes room for `additional` more bytes: at least twice the capacity,
+    /// the contents kept.
     fn reserve(&mut self, additional: usize) {
         let need = self.len + additional;
-        if need <= self.capacity() {
-            return;
+        if need > self.capacity() {
+            self.buf.grow(need.max(2 * self.capacity()), self.len);
         }
-        let cap = need.max(2 * self.capacity()).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-        let mut raw = vec![0u8; cap + DIRECT_ALIGN];
-        let to = raw.as_ptr().align_offset(DIRECT_ALIGN);
-        let from = self.start();
-        raw[to..to + self.len].copy_from_slice(&self.raw[from..from + self.len]);
-        self.raw = raw;
     }
 }
 
 impl Deref for StageBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        let at = self.start();
-        &self.raw[at..at + self.len]
+        self.buf.as_slice(self.len)
     }
 }
 
 impl DerefMut for StageBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        let at = self.start();
-        &mut self.raw[at..at + self.len]
+        self.buf.get(self.len)
     }
 }
 
 impl RecordOut for StageBuf {
     fn put(&mut self, bytes: &[u8]) {
         self.reserve(bytes.len());
-        let at = self.start() + self.len;
-        self.raw[at..at + bytes.len()].copy_from_slice(bytes);
-        self.len += bytes.len();
+        let end = self.len + bytes.len();
+        self.buf.get(end)[self.len..].copy_from_slice(bytes);
+        self.len = end;
     }
     fn set_len_zeroed(&mut self, len: usize) {
         if len > self.len {
             self.reserve(len - self.len);
-            let at = self.start();
-            self.raw[at + self.len..at + len].fill(0);
+            self.buf.get(len)[self.len..].fill(0);
         }
         self.len = len;
     }
