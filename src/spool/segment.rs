@@ -5,15 +5,16 @@
 //! its full capacity (so every block is allocated and written: no unwritten
 //! extents whose first write would be a metadata change), given its header,
 //! `fsync`ed, renamed to its final name, and then the directory is `fsync`ed.
-//! The zeros go past the page cache where the file system allows it, in
-//! chunks of [`ZERO_CHUNK_BYTES`]: through the page cache, the closing `fsync`
-//! sent the whole segment to the disk at once, and the writers' `fdatasync`
-//! calls waited behind it (up to 35 ms on the 2-core VM; 64 pipelined
-//! connections lost about 15% of their throughput to it, docs/BENCHMARKS.md
-//! "Fifth session").
 //! Only then may a record be written into it. Writes never grow the file.
 //! The first part (prepare) is slow and runs ahead of need on a helper
 //! thread; the second (install: rename, directory fsync) is quick.
+//!
+//! The zeros go past the page cache where the file system allows it, in
+//! chunks of [`ZERO_CHUNK_BYTES`]. Through the page cache, the closing
+//! `fsync` sent the whole segment to the disk at once, and the writers'
+//! `fdatasync` calls waited behind it (25-38 ms on the 2-core VM, where 64
+//! pipelined connections lost 13-21% of their throughput to it;
+//! docs/BENCHMARKS.md, "Fifth session").
 //!
 //! Must not: write records (that is the writer's job) or read them (reader).
 
