@@ -1,5 +1,6 @@
 //! `lmtp-ingest load` end to end: against the real server over TCP and a UNIX
-//! socket (counts checked against `spool verify`), against a fake server that
+//! socket (counts checked against `spool verify`), with BDAT instead of DATA
+//! (what the server stored compared byte for byte), against a fake server that
 //! sends one reply where LMTP owes one per recipient, with bad arguments, and
 //! as a sweep writing its CSV and SVG.
 
@@ -10,7 +11,7 @@ use std::net::TcpListener;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use server_util::{BIN, Server, test_dir, verify};
+use server_util::{BIN, Server, backends, spool_cmd, test_dir, verify};
 
 fn load(args: &[&str]) -> Output {
     Command::new(BIN)
@@ -130,6 +131,86 @@ fn counts_match_the_spool_over_tcp_and_unix() {
     );
     assert_eq!(s["corrupt"], 0, "{s}");
     assert!(server.stop().success());
+}
+
+/// `--chunking on`: the server gets `BDAT n LAST` and the unstuffed content
+/// (pipelined: the whole transaction in one write; lock-step: after the last
+/// RCPT reply), answers once per recipient, and stores the content exactly.
+#[test]
+fn chunking_stores_the_content_exactly_pipelined_and_in_lock_step() {
+    for io in backends() {
+        let mut server = Server::start(&format!("load-bdat-{io}"), io, &[]);
+        let v = json(&load(&[
+            "--target",
+            &server.addr(),
+            "--connections",
+            "4",
+            "--recipients",
+            "2",
+            "--chunking",
+            "on",
+            "--size",
+            "5000",
+            "--messages",
+            "40",
+            "--json",
+        ]));
+        assert_eq!(v["config"]["chunking"], true, "{v}");
+        assert_eq!(
+            (v["messages"].as_u64(), v["recipients"].as_u64()),
+            (Some(40), Some(80)),
+            "{v}"
+        );
+        // Lock-step, with a body far larger than one receive buffer.
+        let unix = format!("unix:{}", server.socket.display());
+        let v = json(&load(&[
+            "--target",
+            &unix,
+            "--connections",
+            "2",
+            "--pipelining",
+            "off",
+            "--chunking",
+            "on",
+            "--size",
+            "300000",
+            "--messages",
+            "4",
+            "--json",
+        ]));
+        assert_eq!(v["messages"], 4, "{v}");
+        assert!(server.stop().success());
+
+        let s = verify(&server.spool);
+        assert_eq!(
+            (s["messages"].as_u64(), s["corrupt"].as_u64()),
+            (Some(44), Some(0)),
+            "{s}"
+        );
+        let to = server.spool.parent().unwrap().join("eml");
+        let (rc, out) = spool_cmd(
+            &server.spool,
+            &["export", "--format", "eml", "--to", to.to_str().unwrap()],
+        );
+        assert_eq!(rc, 0, "{out}");
+        let (mut small, mut large) = (0, 0);
+        for e in std::fs::read_dir(&to).unwrap() {
+            let eml = std::fs::read(e.unwrap().path()).unwrap();
+            // Return-Path and Delivered-To, then the generator's content.
+            let content = if eml.len() > 300_000 {
+                large += 1;
+                lmtp_ingest::load::message::content(300_000)
+            } else {
+                small += 1;
+                lmtp_ingest::load::message::content(5000)
+            };
+            assert!(eml.starts_with(b"Return-Path: <load@example.com>\r\nDelivered-To: user"));
+            assert!(eml.ends_with(&content), "{io}: stored content differs");
+            assert!(eml.len() < content.len() + 100);
+        }
+        // One copy per recipient.
+        assert_eq!((small, large), (80, 4), "{io}");
+    }
 }
 
 fn num_cpus() -> u64 {

@@ -36,6 +36,11 @@ pub struct LoadArgs {
     /// off: one command, one reply.
     #[arg(long, value_enum, value_name = "on|off", default_value = "on")]
     pipelining: OnOff,
+    /// on: BDAT n LAST with the message instead of DATA (RFC 3030), as
+    /// Exim's smtp transport sends when the server offers CHUNKING; with
+    /// --pipelining on, the whole transaction goes in one write.
+    #[arg(long, value_enum, value_name = "on|off", default_value = "off")]
+    chunking: OnOff,
     /// Recipients per message, user0@example.com upwards (1 to 1000).
     #[arg(long, value_name = "N", default_value_t = 1)]
     recipients: usize,
@@ -114,6 +119,7 @@ impl LoadArgs {
         c.connections = self.connections;
         c.threads = self.threads;
         c.pipelining = self.pipelining == OnOff::On;
+        c.chunking = self.chunking == OnOff::On;
         c.recipients = self.recipients;
         c.sizes = match (&self.size_dist, self.size) {
             (Some(d), _) => d.0.clone(),
@@ -261,8 +267,9 @@ fn subtitle(c: &LoadConfig, sw: &Sweep) -> String {
         parts.push(format!("{} connections", c.connections));
     }
     parts.push(format!(
-        "pipelining {}",
-        if c.pipelining { "on" } else { "off" }
+        "pipelining {}, {}",
+        if c.pipelining { "on" } else { "off" },
+        if c.chunking { "BDAT" } else { "DATA" }
     ));
     if sw.key != sweep::Key::Recipients {
         parts.push(format!("{} recipient(s)", c.recipients));

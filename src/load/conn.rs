@@ -12,8 +12,16 @@
 //! or command); getters `is_idle`, `is_closed`, `waiting_since`.
 //!
 //! Pipelining on: `MAIL`, every `RCPT`, `DATA` in one write; the body only
-//! after the `354` (RFC 2920 section 3.1); one transaction at a time (LMTP
-//! allows no more). Off: one command, one reply.
+//! after the `354` (RFC 2920 section 3.1); one transaction at a time. Off:
+//! one command, one reply.
+//!
+//! Chunking on (RFC 3030, what Exim's smtp transport sends over LMTP when
+//! the server offers CHUNKING): `BDAT n LAST` and the unstuffed content take
+//! the place of `DATA`, the `354` and the body. Pipelined, the whole
+//! transaction is one write; the server answers the envelope, then once per
+//! accepted recipient, or once in all when none was accepted (the BDAT is
+//! refused). In lock-step the chunk follows the last RCPT's reply. Latency is
+//! measured from the write that carries the chunk.
 //!
 //! Must not: do I/O, read the clock, or allocate per message (reply checks
 //! compare against prebuilt addresses; errors, which end the connection, may
@@ -80,9 +88,19 @@ enum Send {
     Quit,
 }
 
+/// How a connection sends its transactions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Style {
+    /// The envelope (and with chunking the content) in one write.
+    pub pipelining: bool,
+    /// `BDAT n LAST` instead of `DATA` (RFC 3030).
+    pub chunking: bool,
+}
+
 pub struct ClientConn {
     templates: Arc<Templates>,
     pipelining: bool,
+    chunking: bool,
     phase: Phase,
     send: Send,
     /// Partial reply line carried between reads.
@@ -105,6 +123,7 @@ pub struct ClientConn {
     scheduled_at: Option<Instant>,
     // LHLO findings.
     offers_pipelining: bool,
+    offers_chunking: bool,
     /// The LHLO reply offered SIZE: MAIL may carry `SIZE=`.
     offers_size: bool,
     rcpt_max: Option<usize>,
@@ -149,11 +168,12 @@ fn shown(line: &[u8]) -> String {
 
 impl ClientConn {
     /// A connection that has just been opened (awaiting the greeting).
-    pub fn new(templates: Arc<Templates>, pipelining: bool, now: Instant) -> ClientConn {
+    pub fn new(templates: Arc<Templates>, style: Style, now: Instant) -> ClientConn {
         let n = templates.recipients.len();
         ClientConn {
             templates,
-            pipelining,
+            pipelining: style.pipelining,
+            chunking: style.chunking,
             phase: Phase::Greeting,
             send: Send::Nothing,
             line: Vec::with_capacity(256),
@@ -168,6 +188,7 @@ impl ClientConn {
             dot_at: None,
             scheduled_at: None,
             offers_pipelining: false,
+            offers_chunking: false,
             offers_size: false,
             rcpt_max: None,
         }
@@ -223,15 +244,28 @@ impl ClientConn {
         match std::mem::replace(&mut self.send, Send::Nothing) {
             Send::Nothing => return false,
             Send::Lhlo => out.extend_from_slice(LHLO),
-            Send::Envelope if self.offers_size => out.extend_from_slice(&t.envelope),
             Send::Envelope => {
-                out.extend_from_slice(&t.mail_without_size);
-                out.extend_from_slice(&t.envelope[t.command_ends[0]..]);
+                // Chunking: the RCPTs end the envelope, the chunk follows.
+                let end = if self.chunking {
+                    t.rcpts_end()
+                } else {
+                    t.envelope.len()
+                };
+                if self.offers_size {
+                    out.extend_from_slice(&t.envelope[..end]);
+                } else {
+                    out.extend_from_slice(&t.mail_without_size);
+                    out.extend_from_slice(&t.envelope[t.command_ends[0]..end]);
+                }
+                if self.chunking {
+                    out.extend_from_slice(&t.bdat);
+                    self.dot_at = Some(now);
+                }
             }
             Send::Command(0) if !self.offers_size => out.extend_from_slice(&t.mail_without_size),
             Send::Command(k) => out.extend_from_slice(t.command(k)),
             Send::Body => {
-                out.extend_from_slice(&t.body);
+                out.extend_from_slice(if self.chunking { &t.bdat } else { &t.body });
                 self.dot_at = Some(now);
             }
             Send::Rset => out.extend_from_slice(RSET),
@@ -325,6 +359,7 @@ impl ClientConn {
             Phase::Envelope => match self.step {
                 0 => "while waiting for the reply to MAIL".into(),
                 s if s <= n => format!("while waiting for the reply to RCPT {s} of {n}"),
+                _ if self.chunking => "while waiting for the reply to BDAT".into(),
                 _ => "while waiting for the reply to DATA".into(),
             },
             Phase::Final => format!(
@@ -368,6 +403,9 @@ impl ClientConn {
                 .unwrap_or(&[]);
             if keyword.eq_ignore_ascii_case(b"SIZE") {
                 self.offers_size = true;
+            }
+            if keyword.eq_ignore_ascii_case(b"CHUNKING") {
+                self.offers_chunking = true;
             }
             if let Some(v) = text.strip_prefix(b"LIMITS ") {
                 for kv in v.split(|&c| c == b' ') {
@@ -423,6 +461,12 @@ impl ClientConn {
                 if self.pipelining && !self.offers_pipelining {
                     return Err(self.error(
                         "the server does not offer PIPELINING; use --pipelining off",
+                        r.line,
+                    ));
+                }
+                if self.chunking && !self.offers_chunking {
+                    return Err(self.error(
+                        "the server does not offer CHUNKING (BDAT); use --chunking off",
                         r.line,
                     ));
                 }
@@ -503,7 +547,7 @@ impl ClientConn {
     ) -> Result<(), ProtocolError> {
         let n = self.templates.recipients.len();
         let ok = r.code / 100 == 2;
-        let data_go = self.step == n + 1 && r.code == 354;
+        let data_go = !self.chunking && self.step == n + 1 && r.code == 354;
         if !(ok || data_go || matches!(r.code / 100, 4 | 5)) {
             return Err(self.error("an envelope reply that is not 2xx, 4xx or 5xx", r.line));
         }
@@ -532,22 +576,41 @@ impl ClientConn {
                     self.refused += 1;
                 }
             }
-            if !self.pipelining {
-                if step < n {
-                    self.send = Send::Command(step + 1);
-                } else if self.accepted.is_empty() {
-                    // Every recipient refused: reset the open transaction.
-                    self.phase = Phase::Rset;
-                    self.send = Send::Rset;
-                    self.count(now, tally);
-                } else {
-                    self.send = Send::Command(n + 1);
+            if self.pipelining {
+                // Chunking: the chunk went with the envelope. With a
+                // recipient accepted the per-recipient replies come next;
+                // otherwise one refusal of the BDAT (below).
+                if self.chunking
+                    && step == n
+                    && self.mail_refused.is_none()
+                    && !self.accepted.is_empty()
+                {
+                    self.phase = Phase::Final;
                 }
+            } else if step < n {
+                self.send = Send::Command(step + 1);
+            } else if self.accepted.is_empty() {
+                // Every recipient refused: reset the open transaction.
+                self.phase = Phase::Rset;
+                self.send = Send::Rset;
+                self.count(now, tally);
+            } else if self.chunking {
+                self.phase = Phase::Final;
+                self.send = Send::Body;
+            } else {
+                self.send = Send::Command(n + 1);
             }
             return Ok(());
         }
-        // The reply to DATA.
+        // The reply to DATA; chunking: the one reply to a BDAT sent when no
+        // recipient was accepted.
         let may_send = self.mail_refused.is_none() && !self.accepted.is_empty();
+        if self.chunking && ok {
+            return Err(self.error(
+                "BDAT accepted although no recipient was (RFC 3030 and RFC 2033: the data needs an accepted RCPT)",
+                r.line,
+            ));
+        }
         if r.code == 354 {
             if !may_send {
                 return Err(self.error(
@@ -604,7 +667,7 @@ mod tests {
     use super::*;
 
     const LHLO_REPLY: &[u8] =
-        b"250-mx.test\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n250-SIZE 52428800\r\n250 LIMITS RCPTMAX=1000\r\n";
+        b"250-mx.test\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n250-SIZE 52428800\r\n250-CHUNKING\r\n250 LIMITS RCPTMAX=1000\r\n";
 
     struct T {
         c: ClientConn,
@@ -615,10 +678,19 @@ mod tests {
 
     impl T {
         fn new(rcpts: usize, pipelining: bool) -> T {
+            T::with(
+                rcpts,
+                Style {
+                    pipelining,
+                    chunking: false,
+                },
+            )
+        }
+        fn with(rcpts: usize, style: Style) -> T {
             let now = Instant::now();
             let tpl = Arc::new(Templates::new(&[(100, 1)], rcpts));
             T {
-                c: ClientConn::new(tpl, pipelining, now),
+                c: ClientConn::new(tpl, style, now),
                 tally: Tally::default(),
                 now,
                 out: Vec::new(),
@@ -634,7 +706,16 @@ mod tests {
             String::from_utf8_lossy(&self.out).into_owned()
         }
         fn ready(rcpts: usize, pipelining: bool) -> T {
-            let mut t = T::new(rcpts, pipelining);
+            T::ready_with(
+                rcpts,
+                Style {
+                    pipelining,
+                    chunking: false,
+                },
+            )
+        }
+        fn ready_with(rcpts: usize, style: Style) -> T {
+            let mut t = T::with(rcpts, style);
             assert_eq!(t.sent(), "");
             t.input(b"220 mx.test LMTP ready\r\n").unwrap();
             assert_eq!(t.sent(), "LHLO load.example.com\r\n");
@@ -851,6 +932,11 @@ mod tests {
     fn lhlo_checks_pipelining_and_rcptmax() {
         let mut t = T::new(1, true);
         t.input(b"220 x\r\n250-x\r\n250 8BITMIME\r\n").unwrap_err();
+        let mut t = T::with(1, CHUNKED_LOCK_STEP);
+        let e = t
+            .input(b"220 x\r\n250-x\r\n250 PIPELINING\r\n")
+            .unwrap_err();
+        assert!(e.what.contains("--chunking off"), "{e}");
         let mut t = T::new(5, false);
         let e = t
             .input(b"220 x\r\n250-x\r\n250 LIMITS RCPTMAX=4\r\n")
@@ -906,5 +992,96 @@ mod tests {
         pipelined_envelope(&mut t);
         let e = t.c.handle_eof().unwrap_err();
         assert!(e.what.contains("reply to MAIL"), "{e}");
+    }
+
+    const CHUNKED: Style = Style {
+        pipelining: true,
+        chunking: true,
+    };
+    const CHUNKED_LOCK_STEP: Style = Style {
+        pipelining: false,
+        chunking: true,
+    };
+
+    /// What a chunking client sends after the envelope: BDAT and the
+    /// content, unstuffed, with no final dot.
+    fn assert_chunk(sent: &str) {
+        let (head, content) = sent.split_once("BDAT 100 LAST\r\n").expect("a BDAT");
+        assert!(!head.contains("DATA"), "{sent:?}");
+        assert_eq!(content.as_bytes(), &crate::load::message::content(100)[..]);
+    }
+
+    #[test]
+    fn chunking_pipelined_sends_one_write_and_counts_per_recipient_replies() {
+        let mut t = T::ready_with(2, CHUNKED);
+        t.c.start_message(0, None);
+        let sent = t.sent();
+        assert!(sent.starts_with("MAIL FROM:<load@example.com> SIZE=100\r\n"));
+        assert!(sent.contains("RCPT TO:<user1@example.com>\r\nBDAT 100 LAST\r\n"));
+        assert_chunk(&sent);
+        t.input(b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n550 5.1.1 <user1@example.com> unknown\r\n")
+            .unwrap();
+        assert_eq!(t.sent(), "", "nothing more to send");
+        assert!(!t.c.is_idle());
+        // One reply per accepted recipient: only user0's.
+        t.input(T::saved(0).as_bytes()).unwrap();
+        assert!(t.c.is_idle());
+        assert_eq!((t.tally.messages, t.tally.recipients), (1, 1));
+        assert_eq!(t.tally.latency.count(), 1);
+        assert_eq!(t.tally.failures_by_code(), vec![(550, 1)]);
+        // A second reply would be one too many.
+        let e = t.input(T::saved(1).as_bytes()).unwrap_err();
+        assert!(e.what.contains("no command asked for"), "{e}");
+    }
+
+    #[test]
+    fn chunking_pipelined_with_every_recipient_refused_expects_one_bdat_refusal() {
+        let mut t = T::ready_with(2, CHUNKED);
+        t.c.start_message(0, None);
+        t.sent();
+        t.input(b"250 2.1.0 OK\r\n550 5.1.1 no\r\n550 5.1.1 no\r\n")
+            .unwrap();
+        assert!(!t.c.is_idle());
+        t.input(b"503 5.5.1 No valid recipients\r\n").unwrap();
+        assert_eq!(t.sent(), "RSET\r\n");
+        t.input(b"250 2.0.0 OK\r\n").unwrap();
+        assert!(t.c.is_idle());
+        assert_eq!((t.tally.messages, t.tally.messages_failed), (0, 1));
+
+        // MAIL refused: every RCPT and the BDAT are refused too, once each.
+        t.c.start_message(0, None);
+        t.sent();
+        t.input(b"452 4.3.1 busy\r\n503 5.5.1 no\r\n503 5.5.1 no\r\n503 5.5.1 no\r\n")
+            .unwrap();
+        assert!(t.c.is_idle());
+        assert_eq!(t.sent(), "");
+
+        // A server that accepts the BDAT with no recipient is wrong.
+        t.c.start_message(0, None);
+        t.sent();
+        t.input(b"250 2.1.0 OK\r\n550 5.1.1 no\r\n550 5.1.1 no\r\n")
+            .unwrap();
+        let e = t.input(b"250 2.0.0 fine\r\n").unwrap_err();
+        assert!(e.what.contains("BDAT accepted"), "{e}");
+        assert!(e.what.contains("reply to BDAT"), "{e}");
+    }
+
+    #[test]
+    fn chunking_in_lock_step_sends_the_chunk_after_the_last_rcpt_reply() {
+        let mut t = T::ready_with(2, CHUNKED_LOCK_STEP);
+        t.c.start_message(0, None);
+        assert_eq!(t.sent(), "MAIL FROM:<load@example.com> SIZE=100\r\n");
+        t.input(b"250 2.1.0 OK\r\n").unwrap();
+        assert_eq!(t.sent(), "RCPT TO:<user0@example.com>\r\n");
+        t.input(b"250 2.1.5 OK\r\n").unwrap();
+        assert_eq!(t.sent(), "RCPT TO:<user1@example.com>\r\n");
+        t.input(b"250 2.1.5 OK\r\n").unwrap();
+        let sent = t.sent();
+        assert!(sent.starts_with("BDAT 100 LAST\r\n"));
+        assert_chunk(&sent);
+        t.input(format!("{}{}", T::saved(0), T::saved(1)).as_bytes())
+            .unwrap();
+        assert!(t.c.is_idle());
+        assert_eq!((t.tally.messages, t.tally.recipients), (1, 2));
     }
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::conn::{ClientConn, ProtocolError};
+use super::conn::{ClientConn, ProtocolError, Style};
 use super::message::Templates;
 use super::tally::Tally;
 use crate::io::sys::Epoll;
@@ -98,7 +98,7 @@ impl Budget {
 /// What every thread shares.
 pub struct Shared {
     pub templates: Arc<Templates>,
-    pub pipelining: bool,
+    pub style: Style,
     pub reply_timeout: Duration,
     pub budget: Budget,
     /// Messages finished so far, for the progress line (updated per tick).
@@ -173,7 +173,7 @@ pub fn run_thread(
         conns.push(Conn {
             id: first_id + i,
             fd: Some(fd),
-            client: ClientConn::new(shared.templates.clone(), shared.pipelining, now),
+            client: ClientConn::new(shared.templates.clone(), shared.style, now),
             out: Vec::new(),
             out_sent: 0,
             writable: true,

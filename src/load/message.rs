@@ -1,8 +1,9 @@
 //! The bytes the generator sends, built once per run: for each message size an
 //! envelope (`MAIL FROM`, every `RCPT TO`, `DATA`, as one pipelined write or as
-//! separate commands) and a body (headers, 76-byte lines, some starting with a
-//! dot and so dot-stuffed on the wire, then the final `.`). Connections send
-//! slices of these; nothing is built per message.
+//! separate commands), a body (headers, 76-byte lines, some starting with a
+//! dot and so dot-stuffed on the wire, then the final `.`) and the same
+//! content as one `BDAT n LAST` chunk (RFC 3030: no stuffing, no final dot).
+//! Connections send slices of these; nothing is built per message.
 //!
 //! Sizes are message sizes as stored (before dot-stuffing, without the final
 //! dot), which is what the server's spool counts.
@@ -35,6 +36,8 @@ pub struct SizeTemplate {
     pub mail_without_size: Vec<u8>,
     /// The dot-stuffed body followed by `.\r\n`.
     pub body: Vec<u8>,
+    /// `BDAT <size> LAST\r\n` followed by the content as stored.
+    pub bdat: Vec<u8>,
 }
 
 impl SizeTemplate {
@@ -42,6 +45,12 @@ impl SizeTemplate {
     pub fn command(&self, k: usize) -> &[u8] {
         let start = if k == 0 { 0 } else { self.command_ends[k - 1] };
         &self.envelope[start..self.command_ends[k]]
+    }
+
+    /// End of the last `RCPT` in `envelope`: where a chunking client's
+    /// pipelined envelope stops (its `BDAT` follows instead of `DATA`).
+    pub fn rcpts_end(&self) -> usize {
+        self.command_ends[self.command_ends.len() - 2]
     }
 }
 
@@ -94,12 +103,16 @@ fn build(size: usize, rcpts: &[String]) -> SizeTemplate {
     }
     envelope.extend_from_slice(b"DATA\r\n");
     command_ends.push(envelope.len());
+    let content = content(size);
+    let mut bdat = format!("BDAT {size} LAST\r\n").into_bytes();
+    bdat.extend_from_slice(&content);
     SizeTemplate {
         size,
         envelope,
         command_ends,
         mail_without_size: format!("MAIL FROM:<{SENDER}>\r\n").into_bytes(),
-        body: stuff(&content(size)),
+        body: stuff(&content),
+        bdat,
     }
 }
 
@@ -181,6 +194,16 @@ mod tests {
         assert_eq!(s.command(2), b"RCPT TO:<user1@example.com>\r\n");
         assert_eq!(s.command(3), b"DATA\r\n");
         assert_eq!(s.command_ends.last(), Some(&s.envelope.len()));
+        assert!(s.envelope[..s.rcpts_end()].ends_with(b"RCPT TO:<user1@example.com>\r\n"));
+    }
+
+    #[test]
+    fn the_chunk_is_the_content_unstuffed_with_its_exact_length() {
+        let s = &Templates::new(&[(4096, 1)], 1).sizes[0];
+        let head = b"BDAT 4096 LAST\r\n";
+        assert!(s.bdat.starts_with(head));
+        assert_eq!(&s.bdat[head.len()..], &content(4096)[..]);
+        assert!(!s.bdat.ends_with(b"\r\n.\r\n"));
     }
 
     #[test]

@@ -79,6 +79,8 @@ pub struct LoadConfig {
     /// None: min(connections, available CPUs).
     pub threads: Option<usize>,
     pub pipelining: bool,
+    /// `BDAT n LAST` instead of `DATA` (the server must offer CHUNKING).
+    pub chunking: bool,
     pub recipients: usize,
     /// (message bytes, weight).
     pub sizes: Vec<(usize, u32)>,
@@ -98,6 +100,7 @@ impl LoadConfig {
             connections: 16,
             threads: None,
             pipelining: true,
+            chunking: false,
             recipients: 1,
             sizes: vec![(4096, 1)],
             messages: None,
@@ -235,7 +238,10 @@ pub fn run(cfg: &LoadConfig, on_tick: &mut dyn FnMut(u64, Duration)) -> Result<L
     let start = Instant::now();
     let shared = Arc::new(Shared {
         templates,
-        pipelining: cfg.pipelining,
+        style: conn::Style {
+            pipelining: cfg.pipelining,
+            chunking: cfg.chunking,
+        },
         reply_timeout: cfg.reply_timeout,
         budget: Budget::new(
             cfg.messages_max(),

@@ -47,6 +47,7 @@ impl LoadReport {
             "connections": cfg.connections,
             "threads": threads,
             "pipelining": cfg.pipelining,
+            "chunking": cfg.chunking,
             "recipients": cfg.recipients,
             "sizes": cfg.sizes.iter().map(|&(s, w)| json!({"bytes": s, "weight": w})).collect::<Vec<_>>(),
             "messages": cfg.messages_max(),
@@ -127,11 +128,16 @@ impl LoadReport {
     pub fn text(&self) -> String {
         let c = &self.config;
         let mut s = format!(
-            "target {}, {} connections on {} threads, pipelining {}, {} recipient(s), sizes {}\n",
+            "target {}, {} connections on {} threads, pipelining {}, {}, {} recipient(s), sizes {}\n",
             c["target"].as_str().unwrap_or("?"),
             c["connections"],
             c["threads"],
             if c["pipelining"] == true { "on" } else { "off" },
+            if c["chunking"] == true {
+                "BDAT"
+            } else {
+                "DATA"
+            },
             c["recipients"],
             c["sizes"]
                 .as_array()
