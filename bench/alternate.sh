@@ -13,7 +13,9 @@
 #   "tmpfs=target/release/lmtp-ingest --spool /dev/shm --config tmpfs.toml"
 # with `[spool] allow_tmpfs = true` in tmpfs.toml: the server without a disk.
 # Knobs (environment): ROUNDS (5), SESSIONS (16), RCPTS (1), MSGS (30000),
-#   SIZE (4096), PORT (2498), WORK (bench-out/alternate).
+#   SIZE (4096), PORT (2498), WORK (bench-out/alternate), REUSE (1: every
+#   session keeps its connection, `smtp-source -d`; 0: a new connection, greeting
+#   and LHLO for every message, as from an MTA that caches no connections).
 #
 # Prints one line per run: messages/s, the server's CPU per message (all its
 # threads, from /proc/PID/stat), and for lmtp-ingest the spool's mean batch
@@ -25,6 +27,11 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 ROUNDS=${ROUNDS:-5}; SESSIONS=${SESSIONS:-16}; RCPTS=${RCPTS:-1}; MSGS=${MSGS:-30000}
 SIZE=${SIZE:-4096}; PORT=${PORT:-2498}; WORK=${WORK:-$ROOT/bench-out/alternate}
+REUSE=${REUSE:-1}
+case $REUSE in
+  1) reuse=(-d) ;; 0) reuse=() ;;
+  *) echo "alternate.sh: REUSE is 1 (keep connections) or 0 (one per message), not '$REUSE'" >&2; exit 1 ;;
+esac
 [ $# -gt 0 ] || set -- sink "ours=$ROOT/target/release/lmtp-ingest"
 for t in /usr/sbin/smtp-source /usr/sbin/smtp-sink; do
   [ -x "$t" ] || { echo "alternate.sh: $t is missing: apt-get install postfix" >&2; exit 1; }
@@ -59,7 +66,7 @@ run_one() {  # round label spec
   local c0 c1 t0 t1
   c0=$(awk '{print $14+$15}' "/proc/$pid/stat")
   t0=$(date +%s.%N)
-  timeout 300 /usr/sbin/smtp-source -L -d -s "$SESSIONS" -m "$MSGS" -r "$RCPTS" -l "$SIZE" \
+  timeout 300 /usr/sbin/smtp-source -L "${reuse[@]}" -s "$SESSIONS" -m "$MSGS" -r "$RCPTS" -l "$SIZE" \
     -M alternate.local -f sender@example.com -t user@example.com "127.0.0.1:$PORT"
   t1=$(date +%s.%N)
   c1=$(awk '{print $14+$15}' "/proc/$pid/stat")
