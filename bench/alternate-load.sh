@@ -64,8 +64,9 @@ run_one() {  # round label spec
   local waited=0
   until ss -ltn "sport = :$PORT" | grep -q LISTEN; do
     sleep 0.2; waited=$((waited + 1))
-    kill -0 "$pid" 2>/dev/null && [ $waited -lt 300 ] || {
-      echo "alternate-load.sh: $label did not start:" >&2; cat "$dir/server.log" >&2; exit 1; }
+    if ! kill -0 "$pid" 2>/dev/null || [ $waited -ge 300 ]; then
+      echo "alternate-load.sh: $label did not start:" >&2; cat "$dir/server.log" >&2; exit 1
+    fi
   done
   while grep -qs '^spool-prep' /proc/"$pid"/task/*/comm; do sleep 0.2; done
   local c0 w0 c1 w1 out timer=()

@@ -487,7 +487,7 @@ run_order() {  # REP
     case $s in sink|ours) pair+=("$s") ;; *) rest+=("$s") ;; esac
   done
   if [ "${#pair[@]}" = 2 ] && (($1 % 2 == 0)); then pair=("${pair[1]}" "${pair[0]}"); fi
-  echo "${pair[@]+"${pair[@]}"} ${rest[@]+"${rest[@]}"}"
+  echo "${pair[*]+"${pair[*]}"} ${rest[*]+"${rest[*]}"}"
 }
 
 main() {

@@ -42,8 +42,9 @@ if [ $# -eq 0 ]; then
   while [ $((n * 2)) -le "$CPUS" ] || [ $n -eq 1 ]; do set -- "$@" $n; n=$((n * 2)); done
 fi
 for n in "$@"; do
-  [[ $n =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le "$CPUS" ] || {
-    echo "scaling.sh: shard count '$n' must be 1 to $CPUS (nproc)" >&2; exit 1; }
+  if ! [[ $n =~ ^[0-9]+$ ]] || [ "$n" -lt 1 ] || [ "$n" -gt "$CPUS" ]; then
+    echo "scaling.sh: shard count '$n' must be 1 to $CPUS (nproc)" >&2; exit 1
+  fi
 done
 mkdir -p "$WORK"
 results=$WORK/results.tsv
@@ -68,8 +69,9 @@ run_one() {  # round shards
   local waited=0
   until ss -ltn "sport = :$PORT" | grep -q LISTEN; do
     sleep 0.2; waited=$((waited + 1))
-    kill -0 "$pid" 2>/dev/null && [ $waited -lt 300 ] || {
-      echo "scaling.sh: the server did not start:" >&2; cat "$dir/server.log" >&2; exit 1; }
+    if ! kill -0 "$pid" 2>/dev/null || [ $waited -ge 300 ]; then
+      echo "scaling.sh: the server did not start:" >&2; cat "$dir/server.log" >&2; exit 1
+    fi
   done
   # The next segment's zero-fill would otherwise land in the first run only.
   while grep -qs '^spool-prep' /proc/"$pid"/task/*/comm; do sleep 0.2; done
