@@ -14,6 +14,8 @@
 //! server did not answer for.
 
 pub mod conn;
+#[cfg(test)]
+mod conn_props;
 pub mod driver;
 pub mod hist;
 pub mod message;
