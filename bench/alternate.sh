@@ -15,7 +15,9 @@
 # Knobs (environment): ROUNDS (5), SESSIONS (16), RCPTS (1), MSGS (30000),
 #   SIZE (4096), PORT (2498), WORK (bench-out/alternate), REUSE (1: every
 #   session keeps its connection, `smtp-source -d`; 0: a new connection, greeting
-#   and LHLO for every message, as from an MTA that caches no connections).
+#   and LHLO for every message, as from an MTA that caches no connections),
+#   PREP_WAIT (1: start the load once the server's start-up segment preparation
+#   has ended; 0: at once, as before 2026-12-05).
 #
 # Prints one line per run: messages/s, the server's CPU per message (all its
 # threads, from /proc/PID/stat), and for lmtp-ingest the spool's mean batch
@@ -63,6 +65,15 @@ run_one() {  # round label spec
   pid=$!
   sleep 0.7
   kill -0 "$pid" 2>/dev/null || { echo "alternate.sh: $label did not start:" >&2; cat "$dir/server.log" >&2; exit 1; }
+  # A fresh lmtp-ingest zero-fills its next segment in the background right
+  # after it starts (64 MiB, a few tenths of a second of disk writes). Unless
+  # PREP_WAIT=0, wait for that to end, as bench/alternate-load.sh does: in a
+  # short run it would otherwise overlap a large share of the run, far more
+  # than its steady-state share (one segment per 64 MiB of records; runs of
+  # several segments include that).
+  if [ "$spec" != sink ] && [ "${PREP_WAIT:-1}" = 1 ]; then
+    while grep -qs '^spool-prep' /proc/"$pid"/task/*/comm; do sleep 0.2; done
+  fi
   local c0 c1 t0 t1
   c0=$(awk '{print $14+$15}' "/proc/$pid/stat")
   t0=$(date +%s.%N)
