@@ -30,6 +30,8 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 ROUNDS=${ROUNDS:-3}; CONNECTIONS=${CONNECTIONS:-64}; RCPTS=${RCPTS:-1}
 MSGS=${MSGS:-200000}; SIZE=${SIZE:-4096}; PORT=${PORT:-2497}
 LOAD=${LOAD:-$ROOT/target/release/lmtp-ingest}
@@ -61,14 +63,8 @@ run_one() {  # round label spec
   # shellcheck disable=SC2086 # ARGS are split on purpose
   "$bin" serve --listen "127.0.0.1:$PORT" --spool "$dir/spool" $args >"$dir/server.log" 2>&1 &
   pid=$!
-  local waited=0
-  until ss -ltn "sport = :$PORT" | grep -q LISTEN; do
-    sleep 0.2; waited=$((waited + 1))
-    if ! kill -0 "$pid" 2>/dev/null || [ $waited -ge 300 ]; then
-      echo "alternate-load.sh: $label did not start:" >&2; cat "$dir/server.log" >&2; exit 1
-    fi
-  done
-  while grep -qs '^spool-prep' /proc/"$pid"/task/*/comm; do sleep 0.2; done
+  wait_listening "$pid" "$PORT" "alternate-load.sh: $label" "$dir/server.log"
+  wait_spool_prep "$pid"
   local c0 w0 c1 w1 out timer=()
   # The generator's own CPU, where GNU time is installed (Debian: time).
   rm -f "$dir/load.time"

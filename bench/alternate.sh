@@ -27,6 +27,8 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 ROUNDS=${ROUNDS:-5}; SESSIONS=${SESSIONS:-16}; RCPTS=${RCPTS:-1}; MSGS=${MSGS:-30000}
 SIZE=${SIZE:-4096}; PORT=${PORT:-2498}; WORK=${WORK:-$ROOT/bench-out/alternate}
 REUSE=${REUSE:-1}
@@ -65,14 +67,9 @@ run_one() {  # round label spec
   pid=$!
   sleep 0.7
   kill -0 "$pid" 2>/dev/null || { echo "alternate.sh: $label did not start:" >&2; cat "$dir/server.log" >&2; exit 1; }
-  # A fresh lmtp-ingest zero-fills its next segment in the background right
-  # after it starts (64 MiB, a few tenths of a second of disk writes). Unless
-  # PREP_WAIT=0, wait for that to end, as bench/alternate-load.sh does: in a
-  # short run it would otherwise overlap a large share of the run, far more
-  # than its steady-state share (one segment per 64 MiB of records; runs of
-  # several segments include that).
+  # Unless PREP_WAIT=0: the start-up segment preparation (bench/lib.sh).
   if [ "$spec" != sink ] && [ "${PREP_WAIT:-1}" = 1 ]; then
-    while grep -qs '^spool-prep' /proc/"$pid"/task/*/comm; do sleep 0.2; done
+    wait_spool_prep "$pid"
   fi
   local c0 c1 t0 t1
   c0=$(awk '{print $14+$15}' "/proc/$pid/stat")

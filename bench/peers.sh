@@ -40,6 +40,8 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 QUICK=${QUICK:-0}
 if [ "$QUICK" = 1 ]; then
@@ -226,14 +228,8 @@ start_ours() {  # a fresh spool each time, like Dovecot's fresh Maildir
   "$BIN" serve --listen "127.0.0.1:$OURS_PORT" --spool "$WORK/spool" >>"$WORK/ours.log" 2>&1 &
   OURS_PID=$!; PIDS+=("$OURS_PID")
   wait_greeting "$OURS_PORT" || die "lmtp-ingest did not answer (see $WORK/ours.log)"
-  # A fresh server zero-fills its next segment in the background (64 MiB, a
-  # few tenths of a second of disk writes); a short run would share the disk
-  # with all of it, far more than a running server's share (one segment per
-  # 64 MiB of records). Wait for it, at most 30 s.
-  local waited=0
-  while grep -qs '^spool-prep' /proc/"$OURS_PID"/task/*/comm && [ $waited -lt 150 ]; do
-    sleep 0.2; waited=$((waited + 1))
-  done
+  # The start-up segment preparation (bench/lib.sh).
+  wait_spool_prep "$OURS_PID"
 }
 
 stop_server() {  # SERVER

@@ -28,6 +28,8 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 ROUNDS=${ROUNDS:-2}; CONN_PER_SHARD=${CONN_PER_SHARD:-64}; MSGS=${MSGS:-300000}
 SIZE=${SIZE:-4096}; RCPTS=${RCPTS:-1}; CHUNKING=${CHUNKING:-off}; PORT=${PORT:-2493}
 BIN=${BIN:-$ROOT/target/release/lmtp-ingest}; WORK=${WORK:-$ROOT/bench-out/scaling}
@@ -66,15 +68,8 @@ run_one() {  # round shards
   taskset -c "$server_cpus" "$BIN" serve --listen "127.0.0.1:$PORT" --spool "$dir/spool" \
     --shards "$n" "${writers[@]}" >"$dir/server.log" 2>&1 &
   pid=$!
-  local waited=0
-  until ss -ltn "sport = :$PORT" | grep -q LISTEN; do
-    sleep 0.2; waited=$((waited + 1))
-    if ! kill -0 "$pid" 2>/dev/null || [ $waited -ge 300 ]; then
-      echo "scaling.sh: the server did not start:" >&2; cat "$dir/server.log" >&2; exit 1
-    fi
-  done
-  # The next segment's zero-fill would otherwise land in the first run only.
-  while grep -qs '^spool-prep' /proc/"$pid"/task/*/comm; do sleep 0.2; done
+  wait_listening "$pid" "$PORT" "scaling.sh: the server" "$dir/server.log"
+  wait_spool_prep "$pid"
   local c0 c1 t0 t1 out mps p99
   c0=$(awk '{print $14+$15}' "/proc/$pid/stat"); t0=$(date +%s.%N)
   out=$("${gen[@]}" "$BIN" load --target "127.0.0.1:$PORT" --connections "$conns" \
