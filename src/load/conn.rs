@@ -678,13 +678,7 @@ mod tests {
 
     impl T {
         fn new(rcpts: usize, pipelining: bool) -> T {
-            T::with(
-                rcpts,
-                Style {
-                    pipelining,
-                    chunking: false,
-                },
-            )
+            T::with(rcpts, with_data(pipelining))
         }
         fn with(rcpts: usize, style: Style) -> T {
             let now = Instant::now();
@@ -706,13 +700,7 @@ mod tests {
             String::from_utf8_lossy(&self.out).into_owned()
         }
         fn ready(rcpts: usize, pipelining: bool) -> T {
-            T::ready_with(
-                rcpts,
-                Style {
-                    pipelining,
-                    chunking: false,
-                },
-            )
+            T::ready_with(rcpts, with_data(pipelining))
         }
         fn ready_with(rcpts: usize, style: Style) -> T {
             let mut t = T::with(rcpts, style);
@@ -994,6 +982,12 @@ mod tests {
         assert!(e.what.contains("reply to MAIL"), "{e}");
     }
 
+    fn with_data(pipelining: bool) -> Style {
+        Style {
+            pipelining,
+            chunking: false,
+        }
+    }
     const CHUNKED: Style = Style {
         pipelining: true,
         chunking: true,

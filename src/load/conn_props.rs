@@ -5,6 +5,7 @@
 //! a protocol error, and counts every recipient exactly once: delivered, or
 //! refused under the code that refused it.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,17 +31,13 @@ struct Plan {
 }
 
 impl Plan {
-    /// (recipients delivered, recipients refused by code).
-    fn expected(&self, chunking: bool) -> (u64, Vec<(u16, u64)>) {
+    /// Recipients delivered; adds the refused ones to `refused` by code.
+    fn expected(&self, chunking: bool, refused: &mut BTreeMap<u16, u64>) -> u64 {
         let n = self.rcpts.len() as u64;
-        let mut refused: Vec<(u16, u64)> = Vec::new();
-        let mut add = |code: u16, k: u64| match refused.iter_mut().find(|(c, _)| *c == code) {
-            Some((_, v)) => *v += k,
-            None => refused.push((code, k)),
-        };
+        let mut add = |code: u16, k: u64| *refused.entry(code).or_default() += k;
         if self.mail != 250 {
             add(self.mail, n);
-            return (0, sorted(refused));
+            return 0;
         }
         let accepted: Vec<usize> = (0..self.rcpts.len())
             .filter(|&i| self.rcpts[i] == 250)
@@ -49,11 +46,11 @@ impl Plan {
             add(r, 1);
         }
         if accepted.is_empty() {
-            return (0, sorted(refused));
+            return 0;
         }
         if !chunking && self.data != 354 {
             add(self.data, accepted.len() as u64);
-            return (0, sorted(refused));
+            return 0;
         }
         let mut ok = 0;
         for &f in &self.finals[..accepted.len()] {
@@ -63,13 +60,8 @@ impl Plan {
                 add(f, 1);
             }
         }
-        (ok, sorted(refused))
+        ok
     }
-}
-
-fn sorted(mut v: Vec<(u16, u64)>) -> Vec<(u16, u64)> {
-    v.sort();
-    v
 }
 
 /// A server that parses what the client sends and answers from a plan.
@@ -230,17 +222,15 @@ proptest! {
         prop_assert!(c.is_idle());
 
         let (mut want_ok, mut want_msgs, mut want_failed) = (0, 0, 0);
-        let mut want_refused: Vec<(u16, u64)> = Vec::new();
+        let mut want_refused = BTreeMap::new();
         for plan in plans {
-            let (ok, refused) = plan.expected(chunking);
+            let mut refused = BTreeMap::new();
+            let ok = plan.expected(chunking, &mut refused);
             want_ok += ok;
             want_msgs += u64::from(ok > 0);
             want_failed += u64::from(!refused.is_empty());
             for (code, k) in refused {
-                match want_refused.iter_mut().find(|(c, _)| *c == code) {
-                    Some((_, v)) => *v += k,
-                    None => want_refused.push((code, k)),
-                }
+                *want_refused.entry(code).or_default() += k;
             }
             let mut server = Model::new(plan);
             c.start_message(0, None);
@@ -261,6 +251,6 @@ proptest! {
         prop_assert_eq!(tally.recipients, want_ok);
         prop_assert_eq!(tally.messages, want_msgs);
         prop_assert_eq!(tally.messages_failed, want_failed);
-        prop_assert_eq!(tally.failures_by_code(), sorted(want_refused));
+        prop_assert_eq!(tally.failures_by_code(), want_refused.into_iter().collect::<Vec<_>>());
     }
 }
