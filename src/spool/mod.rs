@@ -68,6 +68,7 @@
 //! Unique because (writer, sequence) is; sortable by time as text.
 
 mod append;
+mod doorbell;
 pub mod export;
 pub mod follow;
 pub mod fs;
@@ -301,6 +302,8 @@ impl ProducerShared {
 pub(crate) struct Shared {
     pub config: SpoolConfig,
     senders: Vec<Sender<WriterMsg>>,
+    /// One per writer: rung after every message put into its queue.
+    pub doorbells: Vec<doorbell::Doorbell>,
     /// Set (under the write lock) when shutdown starts; submissions hold the
     /// read lock from the check to the send, so none slips in after.
     closed: RwLock<bool>,
@@ -393,6 +396,9 @@ impl Spool {
                 .collect(),
             spool_bytes: AtomicU64::new(recovered.spool_bytes),
             retention_removed: AtomicU64::new(0),
+            doorbells: (0..config.writers)
+                .map(|_| doorbell::Doorbell::default())
+                .collect(),
             config,
             senders,
             closed: RwLock::new(false),
@@ -498,9 +504,10 @@ impl Spool {
             }
             *closed = true;
         }
-        for tx in &self.shared.senders {
+        for (tx, bell) in self.shared.senders.iter().zip(&self.shared.doorbells) {
             // A writer that died (a panic) has dropped its receiver; nothing to stop.
             let _ = tx.send(WriterMsg::Stop);
+            bell.ring();
         }
         for h in self.writers.drain(..) {
             let _ = h.join();
@@ -682,13 +689,20 @@ impl Producer {
         let n = self.shared.senders.len();
         if block {
             match self.shared.senders[self.home].send(job) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.shared.doorbells[self.home].ring();
+                    return Ok(());
+                }
                 Err(e) => job = e.0,
             }
         } else {
             for k in 0..n {
-                match self.shared.senders[(self.home + k) % n].try_send(job) {
-                    Ok(()) => return Ok(()),
+                let w = (self.home + k) % n;
+                match self.shared.senders[w].try_send(job) {
+                    Ok(()) => {
+                        self.shared.doorbells[w].ring();
+                        return Ok(());
+                    }
                     Err(TrySendError::Full(j)) | Err(TrySendError::Disconnected(j)) => job = j,
                 }
             }

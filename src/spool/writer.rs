@@ -164,10 +164,19 @@ impl Writer {
         let cfg = self.shared.config.clone();
         let mut batch: Vec<Job> = Vec::with_capacity(cfg.batch_messages_max.min(4096));
         let mut stopping = false;
+        let shared = self.shared.clone();
+        let bell = &shared.doorbells[self.id as usize];
+        bell.register();
         while !stopping {
-            let first = match self.rx.recv() {
-                Ok(WriterMsg::Job(j)) => j,
-                Ok(WriterMsg::Stop) | Err(_) => break,
+            // Parks at once when nothing is queued (see `doorbell`).
+            let first = bell.wait(|| match self.rx.try_recv() {
+                Ok(m) => Some(Some(m)),
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Disconnected) => Some(None),
+            });
+            let first = match first {
+                Some(WriterMsg::Job(j)) => j,
+                Some(WriterMsg::Stop) | None => break,
             };
             self.note_arrival(&first);
             let mut bytes = first.message.body.len();
