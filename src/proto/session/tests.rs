@@ -201,6 +201,75 @@ fn pipelined_batch_is_one_write_and_quit_waits_for_the_replies() {
 }
 
 #[test]
+fn a_whole_transaction_in_one_batch_is_answered_in_one_write() {
+    // Exim with CHUNKING: MAIL, RCPTs and BDAT LAST with the content in one
+    // write. The envelope replies wait for the commit and go out with the
+    // per-recipient replies, in order, in one write.
+    let mut h = Harness::new(cfg());
+    h.auto_commit = false;
+    h.feed(b"LHLO c\r\n");
+    let writes_before = h.writes;
+    let out_before = h.out.len();
+    h.feed(
+        b"MAIL FROM:<s@x>\r\nRCPT TO:<a@x>\r\nRCPT TO:<b@x>\r\nBDAT 7 LAST\r\nhello\r\nQUIT\r\n",
+    );
+    assert!(h.s.is_awaiting_commit());
+    assert_eq!(
+        h.writes, writes_before,
+        "nothing is sent before the outcome"
+    );
+    assert_eq!(h.out.len(), out_before);
+    assert!(h.s.handle_commit(h.now, Ticket(0), committed(0)));
+    h.feed(b"");
+    assert_eq!(
+        h.writes,
+        writes_before + 1,
+        "one write for the whole transaction"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&h.out[out_before..]),
+        format!(
+            "250 2.1.0 OK\r\n250 2.1.5 OK\r\n250 2.1.5 OK\r\n{}{}221 2.0.0 Bye\r\n",
+            saved("a@x", 1),
+            saved("b@x", 1)
+        )
+    );
+
+    // The same with DATA and the body sent without waiting for the 354.
+    let mut h = Harness::new(cfg());
+    h.auto_commit = false;
+    h.feed(b"LHLO c\r\n");
+    let writes_before = h.writes;
+    h.feed(b"MAIL FROM:<s@x>\r\nRCPT TO:<a@x>\r\nDATA\r\nhello\r\n.\r\n");
+    assert_eq!(h.writes, writes_before);
+    assert!(!h.text().contains("354"));
+    assert!(h.s.handle_commit(h.now, Ticket(0), committed(0)));
+    h.feed(b"");
+    assert_eq!(h.writes, writes_before + 1);
+    assert!(h.text().ends_with(&format!(
+        "250 2.1.5 OK\r\n354 Start mail input; end with <CRLF>.<CRLF>\r\n{}",
+        saved("a@x", 1)
+    )));
+
+    // Replies that come before a message's data is complete are not held:
+    // a client waiting for the 354, or for each reply in lock-step.
+    let mut h = Harness::new(cfg());
+    h.auto_commit = false;
+    h.feed(b"LHLO c\r\nMAIL FROM:<s@x>\r\n");
+    assert!(h.text().ends_with("250 2.1.0 OK\r\n"));
+    h.feed(b"RCPT TO:<a@x>\r\nDATA\r\n");
+    assert!(
+        h.text()
+            .ends_with("354 Start mail input; end with <CRLF>.<CRLF>\r\n")
+    );
+    h.feed(b"hello\r\n.\r\n");
+    assert!(h.s.is_awaiting_commit());
+    assert!(h.s.handle_commit(h.now, Ticket(0), committed(0)));
+    h.feed(b"");
+    assert!(h.text().ends_with(&saved("a@x", 1)));
+}
+
+#[test]
 fn commit_failures_are_per_recipient() {
     let mut h = Harness::new(cfg());
     h.outcome = |_| CommitOutcome::Failed;
