@@ -50,19 +50,23 @@ fn drive(cfg: &Arc<SessionConfig>, input: &[u8], piece: usize, outcome: u8) -> (
             assert!(req.message.body.len() <= BODY_MAX);
             let rcpts = req.message.envelope.recipients.len();
             assert!(rcpts >= 1 && rcpts <= 4);
-            s.poll_output(&mut out);
+            // Nothing goes out while the message waits for its outcome.
+            assert!(!s.poll_output(&mut out), "a reply sent before the outcome");
             let o = match (outcome as usize + msgs.len()) % 3 {
                 0 => CommitOutcome::Committed(QueueId(msgs.len() as u128)),
                 1 => CommitOutcome::Failed,
                 _ => CommitOutcome::StorageFull,
             };
             assert!(s.handle_commit(now, req.ticket, o));
+            // Replies held while the message waited (the rest of its batch:
+            // MAIL, RCPT, a 354) come first, then exactly one reply line per
+            // accepted recipient, in order, and nothing after them.
             let mut finals = Vec::new();
             s.poll_output(&mut finals);
-            // Exactly one reply line per accepted recipient, before anything else.
             let lines: Vec<&[u8]> = finals.split_inclusive(|&c| c == b'\n').collect();
             assert!(lines.len() >= rcpts, "{} replies for {rcpts} recipients", lines.len());
-            for (line, r) in lines.iter().zip(&req.message.envelope.recipients) {
+            let own = &lines[lines.len() - rcpts..];
+            for (line, r) in own.iter().zip(&req.message.envelope.recipients) {
                 let want = format!("<{}>", r.mailbox.address());
                 assert!(memchr::memmem::find(line, want.as_bytes()).is_some());
             }
