@@ -91,7 +91,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::{SendError, Sender, TrySendError};
 
 use crate::envelope::{CommitOutcome, Message, QueueId};
 pub use recover::RecoveryReport;
@@ -302,7 +302,8 @@ impl ProducerShared {
 pub(crate) struct Shared {
     pub config: SpoolConfig,
     senders: Vec<Sender<WriterMsg>>,
-    /// One per writer: rung after every message put into its queue.
+    /// One per writer: rung after every message put into its queue (by
+    /// `Shared::send` and `Shared::try_send`).
     pub doorbells: Vec<doorbell::Doorbell>,
     /// Set (under the write lock) when shutdown starts; submissions hold the
     /// read lock from the check to the send, so none slips in after.
@@ -319,6 +320,25 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Puts `m` in writer `w`'s queue, waiting for room, and rings its
+    /// doorbell. Every message to a writer goes through here or
+    /// [`Shared::try_send`]: a writer parks until rung. The error hands the
+    /// message back, as crossbeam's does (see `WriterMsg` on its size).
+    #[allow(clippy::result_large_err)]
+    fn send(&self, w: usize, m: WriterMsg) -> Result<(), SendError<WriterMsg>> {
+        self.senders[w].send(m)?;
+        self.doorbells[w].ring();
+        Ok(())
+    }
+
+    /// [`Shared::send`] without waiting for room.
+    #[allow(clippy::result_large_err)]
+    fn try_send(&self, w: usize, m: WriterMsg) -> Result<(), TrySendError<WriterMsg>> {
+        self.senders[w].try_send(m)?;
+        self.doorbells[w].ring();
+        Ok(())
+    }
+
     /// Any writer refusing work for lack of space (or the size cap).
     fn is_storage_full(&self) -> bool {
         self.full.iter().any(|f| f.load(Ordering::Relaxed))
@@ -504,10 +524,9 @@ impl Spool {
             }
             *closed = true;
         }
-        for (tx, bell) in self.shared.senders.iter().zip(&self.shared.doorbells) {
+        for w in 0..self.shared.senders.len() {
             // A writer that died (a panic) has dropped its receiver; nothing to stop.
-            let _ = tx.send(WriterMsg::Stop);
-            bell.ring();
+            let _ = self.shared.send(w, WriterMsg::Stop);
         }
         for h in self.writers.drain(..) {
             let _ = h.join();
@@ -688,21 +707,14 @@ impl Producer {
         });
         let n = self.shared.senders.len();
         if block {
-            match self.shared.senders[self.home].send(job) {
-                Ok(()) => {
-                    self.shared.doorbells[self.home].ring();
-                    return Ok(());
-                }
+            match self.shared.send(self.home, job) {
+                Ok(()) => return Ok(()),
                 Err(e) => job = e.0,
             }
         } else {
             for k in 0..n {
-                let w = (self.home + k) % n;
-                match self.shared.senders[w].try_send(job) {
-                    Ok(()) => {
-                        self.shared.doorbells[w].ring();
-                        return Ok(());
-                    }
+                match self.shared.try_send((self.home + k) % n, job) {
+                    Ok(()) => return Ok(()),
                     Err(TrySendError::Full(j)) | Err(TrySendError::Disconnected(j)) => job = j,
                 }
             }
