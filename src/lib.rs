@@ -24,3 +24,5 @@ pub mod policy;
 pub mod proto;
 pub mod server;
 pub mod spool;
+#[cfg(test)]
+mod test_util;

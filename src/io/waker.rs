@@ -121,12 +121,7 @@ mod tests {
             for i in 1..=N {
                 p2.store(i, Ordering::SeqCst);
                 w2.wake();
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                for _ in 0..(x % 2000) {
-                    std::hint::spin_loop();
-                }
+                crate::test_util::random_spin(&mut x, 2000);
                 // Wait until the loop took it, so every wake matters.
                 while p2.load(Ordering::SeqCst) != 0 {
                     std::hint::spin_loop();

@@ -105,12 +105,7 @@ mod tests {
                 break;
             }
             bell.ring();
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            for _ in 0..(x % 3000) {
-                std::hint::spin_loop();
-            }
+            crate::test_util::random_spin(&mut x, 3000);
         }
         drop(tx);
         writer.join().expect("the writer saw every item in time");
