@@ -106,6 +106,13 @@ pub fn padded_len(record_len: usize) -> usize {
     record_len.div_ceil(RECORD_ALIGN) * RECORD_ALIGN
 }
 
+/// The record checksum of `rec` (a whole record, `record_len` bytes):
+/// CRC32C over bytes `[0, 12)` then `[16, record_len)`, as SPOOL-FORMAT.md
+/// describes. Public for tools and the fuzz target that build records.
+pub fn checksum(rec: &[u8]) -> u32 {
+    crc_of(rec)
+}
+
 fn crc_of(rec: &[u8]) -> u32 {
     let c = crc32c::crc32c(&rec[..12]);
     crc32c::crc32c_append(c, &rec[16..])
@@ -334,6 +341,27 @@ pub(crate) mod tests {
             panic!()
         };
         assert_eq!(v.envelope(), msg.envelope);
+    }
+
+    #[test]
+    fn a_size_value_without_size_given_is_invalid() {
+        // The encoder writes 0 there; anything else would not survive a
+        // decode and re-encode, so the reader refuses it.
+        let mut msg = sample_message(1, 10);
+        msg.envelope.reverse_path = ReversePath::Null;
+        msg.envelope.params = MailParams::default();
+        let mut buf = Vec::new();
+        encode(&mut buf, 1, QueueId(1), 0, &msg).unwrap();
+        // Header 64, session 8, transaction 4, null tag 1: has_size at 77.
+        assert_eq!(buf[77], 0);
+        buf[78] = 39;
+        let len = u32::from_le_bytes(buf[8..12].try_into().unwrap()) as usize;
+        let crc = checksum(&buf[..len]);
+        buf[12..16].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            parse(&buf),
+            Parsed::Invalid(RecordError::Envelope("SIZE value without SIZE given"))
+        ));
     }
 
     #[test]

@@ -146,6 +146,12 @@ pub(super) fn walk<'a>(
     }
     let has_size = c.flag()?;
     let size = c.u64()?;
+    // One encoding per envelope: a value with no SIZE= would vanish when
+    // the record is decoded and written again (found by the `record` fuzz
+    // target).
+    if !has_size && size != 0 {
+        return Err(RecordError::Envelope("SIZE value without SIZE given"));
+    }
     let body = match c.u8()? {
         0 => None,
         1 => Some(BodyType::SevenBit),
