@@ -98,10 +98,20 @@ pub struct SegmentScan {
 /// one in order, and stops at the first zero header or invalid record.
 pub fn scan_segment(
     path: &Path,
-    mut each: impl FnMut(u64, usize, &record::RecordView<'_>),
+    each: impl FnMut(u64, usize, &record::RecordView<'_>),
 ) -> io::Result<SegmentScan> {
     let bytes = std::fs::read(path)?;
-    let header = SegmentHeader::parse(&bytes);
+    Ok(scan_bytes(&bytes, each))
+}
+
+/// [`scan_segment`] over a segment's bytes already in memory (the whole
+/// file). Any bytes: it never panics, and everything it reports lies within
+/// `bytes` (the `record` fuzz target checks both).
+pub fn scan_bytes(
+    bytes: &[u8],
+    mut each: impl FnMut(u64, usize, &record::RecordView<'_>),
+) -> SegmentScan {
+    let header = SegmentHeader::parse(bytes);
     let mut scan = SegmentScan {
         header: header.clone(),
         records: 0,
@@ -116,7 +126,7 @@ pub fn scan_segment(
     if bytes.len() < SEGMENT_HEADER_LEN as usize {
         scan.end = 0;
         scan.nonzero_end = bytes.len() as u64;
-        return Ok(scan);
+        return scan;
     }
     let mut at = SEGMENT_HEADER_LEN as usize;
     // Every loop turn advances `at` by at least 8 bytes: bounded by the file.
@@ -160,7 +170,7 @@ pub fn scan_segment(
         Some(p) => (at + (p / RECORD_ALIGN + 1) * RECORD_ALIGN).min(bytes.len()) as u64,
         None => at as u64,
     };
-    Ok(scan)
+    scan
 }
 
 /// Index of the last non-zero byte. A segment is mostly zeros past its last
