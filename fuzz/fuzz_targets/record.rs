@@ -130,7 +130,10 @@ fn check_scan(seg: &[u8]) {
     let rescan = reader::scan_bytes(&cut, |offset, len, v| {
         again.push((offset, len, v.header.seq));
     });
-    assert!(rescan.invalid.is_none(), "a cut segment still has a bad record");
+    assert!(
+        rescan.invalid.is_none(),
+        "a cut segment still has a bad record"
+    );
     assert_eq!(rescan.end, scan.end);
     assert_eq!(rescan.nonzero_end, scan.end);
     assert_eq!(again, found);

@@ -31,7 +31,12 @@ fn config(policy_byte: u8) -> Arc<SessionConfig> {
     Arc::new(c)
 }
 
-fn drive(cfg: &Arc<SessionConfig>, input: &[u8], piece: usize, outcome: u8) -> (Vec<u8>, Vec<Message>) {
+fn drive(
+    cfg: &Arc<SessionConfig>,
+    input: &[u8],
+    piece: usize,
+    outcome: u8,
+) -> (Vec<u8>, Vec<Message>) {
     let now = Instant::now();
     let mut s = Session::new(cfg.clone(), "203.0.113.9:1".into(), 1, now);
     let mut out = Vec::new();
@@ -64,7 +69,11 @@ fn drive(cfg: &Arc<SessionConfig>, input: &[u8], piece: usize, outcome: u8) -> (
             let mut finals = Vec::new();
             s.poll_output(&mut finals);
             let lines: Vec<&[u8]> = finals.split_inclusive(|&c| c == b'\n').collect();
-            assert!(lines.len() >= rcpts, "{} replies for {rcpts} recipients", lines.len());
+            assert!(
+                lines.len() >= rcpts,
+                "{} replies for {rcpts} recipients",
+                lines.len()
+            );
             let own = &lines[lines.len() - rcpts..];
             for (line, r) in own.iter().zip(&req.message.envelope.recipients) {
                 let want = format!("<{}>", r.mailbox.address());

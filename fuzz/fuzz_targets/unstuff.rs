@@ -30,7 +30,13 @@ fn setup(data: &[u8]) -> Option<(Setup, &[u8])> {
     };
     // 0 means "the rest of the input"; small sizes are likelier, to cut
     // through CRLF pairs and dots often.
-    let size = |b: u8| if b >= 250 { 0 } else { usize::from(b % 130) + 1 };
+    let size = |b: u8| {
+        if b >= 250 {
+            0
+        } else {
+            usize::from(b % 130) + 1
+        }
+    };
     Some((
         Setup {
             normalize: flags & 1 == 1,
@@ -124,7 +130,15 @@ fuzz_target!(|data: &[u8]| {
     let want_bdat = bdat_naive(&s, &parts);
 
     for kernel in Kernel::ALL.into_iter().filter(|k| k.is_supported()) {
-        assert_eq!(data_fast(&s, &parts, kernel), want, "DATA, kernel {kernel:?}");
-        assert_eq!(bdat_fast(&s, &parts, kernel), want_bdat, "BDAT, kernel {kernel:?}");
+        assert_eq!(
+            data_fast(&s, &parts, kernel),
+            want,
+            "DATA, kernel {kernel:?}"
+        );
+        assert_eq!(
+            bdat_fast(&s, &parts, kernel),
+            want_bdat,
+            "BDAT, kernel {kernel:?}"
+        );
     }
 });
