@@ -181,6 +181,9 @@ pub struct SpoolSection {
     pub batch_bytes_max: usize,
     pub batch_messages_max: usize,
     pub batch_delay_us_max: u64,
+    /// With `batch_delay_us_max = 0`: on slow disks, wait up to a quarter
+    /// of a commit for the clients the last commit answered.
+    pub batch_regroup: bool,
     /// Cap on the spool's size in bytes; 0: only the disk limits it.
     pub spool_bytes_max: u64,
     /// Write records past the page cache (`O_DIRECT`), falling back to
@@ -243,6 +246,7 @@ impl Default for SpoolSection {
             batch_bytes_max: s.batch_bytes_max,
             batch_messages_max: s.batch_messages_max,
             batch_delay_us_max: s.batch_delay_us_max,
+            batch_regroup: s.batch_regroup,
             spool_bytes_max: 0,
             direct_io: s.direct_io,
             allow_tmpfs: false,
@@ -616,6 +620,7 @@ impl Config {
         c.batch_bytes_max = s.batch_bytes_max;
         c.batch_messages_max = s.batch_messages_max;
         c.batch_delay_us_max = s.batch_delay_us_max;
+        c.batch_regroup = s.batch_regroup;
         c.spool_bytes_max = (s.spool_bytes_max > 0).then_some(s.spool_bytes_max);
         c.direct_io = s.direct_io;
         c.allow_tmpfs = s.allow_tmpfs;

@@ -51,6 +51,10 @@ pub struct ServeArgs {
     /// Longest a spool writer waits to grow a batch, in microseconds.
     #[arg(long, value_name = "US")]
     batch_delay_us_max: Option<u64>,
+    /// On slow disks, wait up to a quarter of a commit for the clients the
+    /// last commit answered (true, the default; adaptive).
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+    batch_regroup: Option<bool>,
     /// Size of each preallocated spool segment file, in bytes.
     #[arg(long, value_name = "BYTES")]
     segment_bytes: Option<u64>,
@@ -128,6 +132,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.batch_delay_us_max {
             c.spool.batch_delay_us_max = v;
+        }
+        if let Some(v) = self.batch_regroup {
+            c.spool.batch_regroup = v;
         }
         if let Some(v) = self.segment_bytes {
             c.spool.segment_bytes = v;

@@ -384,6 +384,24 @@ impl Registry {
             }
         }
 
+        let (mut hit, mut missed) = (0, 0);
+        for w in self.spool.writers() {
+            hit += w.regroup_waits_hit.load(Ordering::Relaxed);
+            missed += w.regroup_waits_missed.load(Ordering::Relaxed);
+        }
+        let _ = writeln!(
+            out,
+            "# HELP lmtp_ingest_regroup_waits_total Times a spool writer with slow syncs waited for the clients its last commit answered (spool.batch_regroup): result=\"hit\" (they came within a quarter of a commit), result=\"miss\" (it committed without them).\n# TYPE lmtp_ingest_regroup_waits_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "lmtp_ingest_regroup_waits_total{{result=\"hit\"}} {hit}"
+        );
+        let _ = writeln!(
+            out,
+            "lmtp_ingest_regroup_waits_total{{result=\"miss\"}} {missed}"
+        );
+
         let mut dot = HistogramSnapshot::default();
         for s in &self.shards {
             s.dot_to_reply_ns.add_to(&mut dot);

@@ -76,6 +76,7 @@ pub mod lock;
 pub mod reader;
 pub mod record;
 pub mod recover;
+mod regroup;
 pub mod retention;
 pub mod segment;
 pub mod stage;
@@ -117,6 +118,10 @@ pub struct SpoolConfig {
     /// PostgreSQL's commit_delay with commit_siblings). 0: never wait on
     /// purpose (RocksDB's choice); batches still form while a sync runs.
     pub batch_delay_us_max: u64,
+    /// With `batch_delay_us_max` 0: when commits are slow (a mean of 0.4 ms
+    /// or more), wait up to a quarter of a commit for the clients the last
+    /// one answered, while such waits keep paying (see `regroup.rs`).
+    pub batch_regroup: bool,
     /// Messages waiting in each writer's channel.
     pub queue_depth_max: usize,
     /// Submissions one producer may have without a drained outcome; bounds its
@@ -157,6 +162,7 @@ impl SpoolConfig {
             batch_bytes_max: 4 << 20,
             batch_messages_max: 1024,
             batch_delay_us_max: 0,
+            batch_regroup: true,
             queue_depth_max: 4096,
             producer_inflight_max: 4096,
             spool_bytes_max: None,
@@ -203,6 +209,7 @@ impl std::fmt::Debug for SpoolConfig {
             .field("batch_bytes_max", &self.batch_bytes_max)
             .field("batch_messages_max", &self.batch_messages_max)
             .field("batch_delay_us_max", &self.batch_delay_us_max)
+            .field("batch_regroup", &self.batch_regroup)
             .field("spool_bytes_max", &self.spool_bytes_max)
             .finish_non_exhaustive()
     }

@@ -26,6 +26,10 @@ pub struct WriterStats {
     pub segments_created: AtomicU64,
     /// Watermark updates that failed (followers lag; nothing is lost).
     pub watermark_errors: AtomicU64,
+    /// Waits for answered clients (`regroup.rs`) that reached their target,
+    /// and that ran out.
+    pub regroup_waits_hit: AtomicU64,
+    pub regroup_waits_missed: AtomicU64,
     pub batch_histogram: [AtomicU64; BATCH_HISTOGRAM_BUCKETS],
     /// Each fdatasync's latency (for the metrics endpoint).
     pub fsync_ns: crate::metrics::Histogram,
@@ -75,6 +79,8 @@ pub struct SpoolStats {
     pub batch_messages_max: u64,
     pub segments_created: u64,
     pub watermark_errors: u64,
+    pub regroup_waits_hit: u64,
+    pub regroup_waits_missed: u64,
     /// Segments removed by retention (spool-wide).
     pub segments_removed: u64,
     /// Bytes of segment files now (spool-wide).
@@ -98,6 +104,8 @@ impl SpoolStats {
             s.batch_messages_max = s.batch_messages_max.max(ld(&w.batch_messages_max));
             s.segments_created += ld(&w.segments_created);
             s.watermark_errors += ld(&w.watermark_errors);
+            s.regroup_waits_hit += ld(&w.regroup_waits_hit);
+            s.regroup_waits_missed += ld(&w.regroup_waits_missed);
             for (a, b) in s.batch_histogram.iter_mut().zip(&w.batch_histogram) {
                 *a += ld(b);
             }
@@ -135,6 +143,8 @@ impl SpoolStats {
         d.fsyncs -= earlier.fsyncs;
         d.fsync_ns_total -= earlier.fsync_ns_total;
         d.segments_created -= earlier.segments_created;
+        d.regroup_waits_hit -= earlier.regroup_waits_hit;
+        d.regroup_waits_missed -= earlier.regroup_waits_missed;
         for (a, b) in d.batch_histogram.iter_mut().zip(&earlier.batch_histogram) {
             *a -= b;
         }

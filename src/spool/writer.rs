@@ -30,6 +30,7 @@ use crossbeam_channel::{Receiver, TryRecvError};
 use super::append::Appender;
 use super::record;
 use super::recover::{self, StreamEnd};
+use super::regroup::Regroup;
 use super::segment::{self, OpenSegment, PreparedSegment, SEGMENT_HEADER_LEN, SegmentId};
 use super::stage::{RecordOut, StageBuf};
 use super::stats::WriterStats;
@@ -71,6 +72,12 @@ pub(crate) struct Writer {
     last_submitted: Option<Instant>,
     /// Messages found waiting when the previous batch was gathered.
     previous_batch_len: usize,
+    /// Whether to wait for the clients the last commit answered.
+    regroup: Regroup,
+    /// Time in `fdatasync` during the last commit.
+    last_sync: Duration,
+    /// Messages queued when the last commit ended, before its outcomes.
+    queued_after_commit: usize,
     watermark: Option<WatermarkFile>,
     /// The next segment, being prepared on a helper thread (its capacity).
     spare: Option<(u64, JoinHandle<io::Result<PreparedSegment>>)>,
@@ -104,6 +111,8 @@ impl Writer {
         let watermark = WatermarkFile::open(&shared.config.dir, id)
             .map_err(|e| SpoolError::io("open the committed watermark file", e))?;
         let direct_io = shared.config.direct_io;
+        let regroup =
+            Regroup::new(shared.config.batch_regroup && shared.config.batch_delay_us_max == 0);
         Ok(Writer {
             id,
             stats: shared.stats[id as usize].clone(),
@@ -119,6 +128,9 @@ impl Writer {
             gap_ewma_ns: u64::MAX / 2,
             last_submitted: None,
             previous_batch_len: 0,
+            regroup,
+            last_sync: Duration::ZERO,
+            queued_after_commit: 0,
             watermark: Some(watermark),
             spare: None,
         })
@@ -196,6 +208,34 @@ impl Writer {
                     Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
                 }
             }
+            // Slow commits: wait for the clients the last commit answered.
+            if !stopping
+                && let Some((wait, target)) = self.regroup.plan(batch.len(), cfg.batch_messages_max)
+            {
+                let deadline = Instant::now() + wait;
+                while batch.len() < target && bytes < cfg.batch_bytes_max {
+                    match self.rx.recv_deadline(deadline) {
+                        Ok(WriterMsg::Job(j)) => {
+                            self.note_arrival(&j);
+                            bytes += j.message.body.len();
+                            batch.push(j);
+                        }
+                        Ok(WriterMsg::Stop) => {
+                            stopping = true;
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let hit = batch.len() >= target;
+                self.regroup.record(hit);
+                let counter = if hit {
+                    &self.stats.regroup_waits_hit
+                } else {
+                    &self.stats.regroup_waits_missed
+                };
+                self.stats.add(counter, 1);
+            }
             // Adaptive delay: only when others are submitting concurrently
             // (the previous batch found more than one message waiting) and
             // the next message is expected within the window.
@@ -223,7 +263,14 @@ impl Writer {
                 }
             }
             self.previous_batch_len = batch.len();
+            let started = Instant::now();
             self.commit(&mut batch);
+            self.regroup.committed(
+                started.elapsed(),
+                std::mem::take(&mut self.last_sync),
+                self.previous_batch_len,
+                self.queued_after_commit,
+            );
             // One huge message must not pin its buffer for the writer's life.
             let keep = 2 * cfg.batch_bytes_max.max(1 << 20);
             if self.buf.capacity() > keep {
@@ -266,6 +313,9 @@ impl Writer {
             }
             Err(Fail::Io) => {}
         }
+        // What arrived during the commit, counted before any producer hears
+        // its outcome and sends again (regroup.rs).
+        self.queued_after_commit = self.rx.len();
         self.stats.record_batch(batch.len() as u64);
         self.stats
             .record_batch_bytes(batch.iter().map(|j| j.message.body.len() as u64).sum());
@@ -421,7 +471,9 @@ impl Writer {
         for (s, _) in segs.iter_mut() {
             let t = Instant::now();
             s.file.sync_data().map_err(|e| classify(&e))?;
-            self.stats.record_fsync(t.elapsed().as_nanos() as u64);
+            let took = t.elapsed();
+            self.last_sync += took;
+            self.stats.record_fsync(took.as_nanos() as u64);
         }
         self.stats.add(&self.stats.bytes_written, bytes);
         Ok(())
