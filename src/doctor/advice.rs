@@ -27,6 +27,9 @@ const WRITERS_MORE_ABOVE_US: f64 = 1_000.0;
 /// Medians below this are NVMe-with-PLP class: a batch window can trade a
 /// little latency for fewer syncs when batches stay tiny.
 const WINDOW_MAY_HELP_BELOW_US: f64 = 50.0;
+/// Medians from this up are where the writers regroup (the spool's
+/// `regroup::SLOW_SYNC`, 0.4 ms).
+const REGROUP_FROM_US: f64 = 400.0;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Advice {
@@ -135,6 +138,20 @@ pub fn derive(
             ),
             None,
         ));
+    } else if t >= REGROUP_FROM_US && s.batch_delay_us_max == 0 {
+        let text = format!(
+            "0 (adaptive, the default), with batch_regroup = true: at {} a sync, connections would split into two cohorts (one synced while the other waits), each getting a message per two syncs; regrouping waits up to a quarter of a commit for the clients a commit answered, which measured +56-82% at 64 connections with 2-10 ms syncs (docs/BENCHMARKS.md, \"Eighth session\"); more MTA connections raise the rate further",
+            ms(t)
+        );
+        if s.batch_regroup {
+            out.push(advice("batch_window", text, None));
+        } else {
+            out.push(advice(
+                "batch_window",
+                format!("{text} (configured: batch_regroup = false)"),
+                Some("batch_regroup = true".into()),
+            ));
+        }
     } else {
         out.push(advice(
             "batch_window",
@@ -248,6 +265,28 @@ mod tests {
             checks[0].fix.as_deref(),
             Some("batch_delay_us_max = 0 under [spool]")
         );
+    }
+
+    #[test]
+    fn slow_syncs_get_regrouping_and_its_fix_when_off() {
+        let (a, _) = derive(
+            &Config::default(),
+            Some(&report(2000.0)),
+            &SpoolFound::default(),
+        );
+        assert!(a[1].text.contains("batch_regroup = true"), "{}", a[1].text);
+        assert_eq!(a[1].config, None, "on by default: nothing to change");
+        let mut c = Config::default();
+        c.spool.batch_regroup = false;
+        let (a, _) = derive(&c, Some(&report(2000.0)), &SpoolFound::default());
+        assert_eq!(a[1].config.as_deref(), Some("batch_regroup = true"));
+        // Fast syncs: no word of it.
+        let (a, _) = derive(
+            &Config::default(),
+            Some(&report(150.0)),
+            &SpoolFound::default(),
+        );
+        assert!(!a[1].text.contains("regroup"), "{}", a[1].text);
     }
 
     #[test]
