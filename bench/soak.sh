@@ -9,7 +9,9 @@
 # Knobs (environment): DURATION (600 s), RATE (2000 msg/s from the pipelined
 #   generator), PORT (2498), METRICS_PORT (9498), BIN (target/release/lmtp-ingest),
 #   WORK (bench-out/soak), CHURN (1: also Postfix's smtp-source, a connection
-#   per message, when installed), SPOOL_CAP (8 GiB).
+#   per message, when installed), SPOOL_CAP (8 GiB), SLOW_SYNC_US (0: else
+#   every fdatasync of the server takes that much longer, through
+#   bench/slow-sync/slowsync.c, as on a slow disk; needs a C compiler).
 #
 # The load, all at once for DURATION seconds:
 #   - `lmtp-ingest load`: 64 pipelined connections, DATA, 1 recipient, sizes
@@ -45,6 +47,12 @@ if [ "$CHURN" = 1 ] && ! command -v smtp-source >/dev/null; then
     CHURN=0
 fi
 rm -rf "$WORK"; mkdir -p "$WORK"
+SLOW_SYNC_US=${SLOW_SYNC_US:-0}
+preload=""
+if [ "$SLOW_SYNC_US" != 0 ]; then
+    cc -O2 -Wall -shared -fPIC -o "$WORK/slowsync.so" "$ROOT/bench/slow-sync/slowsync.c" -ldl
+    preload=$WORK/slowsync.so
+fi
 SPOOL=$WORK/spool
 cat >"$WORK/soak.toml" <<EOF
 [server]
@@ -67,7 +75,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$BIN" serve --config "$WORK/soak.toml" 2>"$WORK/server.log" &
+LD_PRELOAD=$preload SLOW_SYNC_US=$SLOW_SYNC_US "$BIN" serve --config "$WORK/soak.toml" 2>"$WORK/server.log" &
 server=$!; pids+=("$server")
 for _ in $(seq 100); do
     "$BIN" load --target "127.0.0.1:$PORT" --connections 1 --messages 1 >/dev/null 2>&1 && break
@@ -101,7 +109,7 @@ sample() {
 }
 sample & sampler=$!; pids+=("$sampler")
 
-echo "soak: ${DURATION}s, $RATE msg/s pipelined + $((RATE / 10)) msg/s x 20 rcpts BDAT$([ "$CHURN" = 1 ] && echo " + smtp-source churn"); work in $WORK"
+echo "soak: ${DURATION}s$([ "$SLOW_SYNC_US" != 0 ] && echo ", every fdatasync ${SLOW_SYNC_US} µs longer"), $RATE msg/s pipelined + $((RATE / 10)) msg/s x 20 rcpts BDAT$([ "$CHURN" = 1 ] && echo " + smtp-source churn"); work in $WORK"
 "$BIN" load --target "127.0.0.1:$PORT" --connections 64 --pipelining on --recipients 1 \
     --size-dist "2048:50,8192:35,65536:14,524288:1" --rate "$RATE" --duration "$DURATION" \
     --json >"$WORK/load-a.json" 2>"$WORK/load-a.err" & gen_a=$!; pids+=("$gen_a")

@@ -5,23 +5,26 @@
 //! arrives while a sync runs waits for it, then for its own. So with slow
 //! syncs the connections settle into two cohorts, one being synced while the
 //! other waits, and each message's cycle is two syncs: N connections make
-//! N / (2 x sync) messages a second, in batches of N / 2. Measured with syncs
-//! slowed to 2 ms (bench/slow-sync.sh; docs/BENCHMARKS.md, "Eighth session"),
-//! waiting a quarter of a sync for the answered clients' next messages merged
-//! the cohorts and raised 16 and 64 pipelined connections by 38-49%, and 16
-//! lock-step `smtp-source` sessions by 40%.
+//! N / (2 x sync) messages a second, in batches of N / 2. Measured with every
+//! sync slowed by 2 ms (bench/slow-sync.sh; docs/BENCHMARKS.md, "Eighth
+//! session"), regrouping raised 64 pipelined connections from 12,799 to
+//! 19,998 msg/s and 16 lock-step `smtp-source` sessions from 3,331 to 5,260.
 //!
-//! How: after a commit, the next batch is expected to hold what was already
-//! queued plus one message from each client the commit answered. When the
-//! batch gathered so far is short of that, the writer waits for it, up to a
-//! quarter of its recent commit time. Only while the device's flushes are
-//! slow: commits that are long because batches are large (hundreds of
-//! connections on a fast disk, where the CPU is the limit) do not qualify,
-//! and waiting there cost 3-7% in measurements. The wait is learnt like the shards'
-//! idle polling: it is used while at least half of the recent waits reached
-//! their target, else only every eighth commit, as a probe. Clients whose
-//! next message takes longer than the window (fifty recipients in lock step:
-//! 53 round trips) make the waits miss, and they stop.
+//! How: after a commit, the next batch is expected to hold what arrived
+//! during it plus one message from each client it answered. When the batch
+//! gathered so far is short of that, the writer waits for it, up to a quarter
+//! of its mean commit time. Only while the device's flushes are slow:
+//! commits that are long because batches are large (hundreds of connections
+//! on a fast disk, where the CPU is the limit) do not qualify; waiting there
+//! cost 3-7% in measurements.
+//!
+//! The wait is learnt like the shards' idle polling: it is used while at
+//! least half of the recent waits reached their target, else only as a
+//! probe, every 8th commit at first and half as often after each probe that
+//! misses (down to every 256th); a probe that hits makes waiting the rule
+//! again. Clients whose next message takes longer than the window (fifty
+//! recipients in lock step: 53 round trips; senders on a schedule of their
+//! own) make the waits miss, and they stop.
 //!
 //! Must not: wait when flushes are fast (a mean under [`SLOW_SYNC`], where
 //! the next messages already gather while a sync runs and a wait could only
@@ -44,8 +47,10 @@ const HIT_SHIFT: u32 = 4;
 const ONE: u32 = 1 << 16;
 /// Wait while at least this share of recent waits reached the target.
 const WAIT_AT: u32 = ONE / 2;
-/// Below `WAIT_AT`, wait once per this many commits to sample.
+/// Below `WAIT_AT`, wait once per this many commits to sample, at first...
 const PROBE_EVERY: u32 = 8;
+/// ...doubling after each probe that misses, up to this.
+const PROBE_EVERY_MAX: u32 = 256;
 
 #[derive(Debug)]
 pub(crate) struct Regroup {
@@ -58,6 +63,10 @@ pub(crate) struct Regroup {
     hit_share: u32,
     /// Commits since the last wait, while below `WAIT_AT`.
     skipped: u32,
+    /// Commits between probes now.
+    probe_every: u32,
+    /// The wait last planned is a probe.
+    probing: bool,
     /// Messages the next batch is expected to hold.
     expected: usize,
 }
@@ -73,6 +82,8 @@ impl Regroup {
             // hit keeps them.
             hit_share: WAIT_AT,
             skipped: 0,
+            probe_every: PROBE_EVERY,
+            probing: false,
             expected: 0,
         }
     }
@@ -102,9 +113,10 @@ impl Regroup {
         if !self.enabled || sync < SLOW_SYNC || have >= target {
             return None;
         }
-        if self.hit_share < WAIT_AT {
+        self.probing = self.hit_share < WAIT_AT;
+        if self.probing {
             self.skipped += 1;
-            if self.skipped < PROBE_EVERY {
+            if self.skipped < self.probe_every {
                 return None;
             }
         }
@@ -116,6 +128,15 @@ impl Regroup {
     pub(crate) fn record(&mut self, hit: bool) {
         let sample = if hit { ONE } else { 0 };
         self.hit_share = self.hit_share - (self.hit_share >> HIT_SHIFT) + (sample >> HIT_SHIFT);
+        if self.probing {
+            if hit {
+                // The clients changed: wait again from the next commit.
+                self.hit_share = self.hit_share.max(WAIT_AT);
+                self.probe_every = PROBE_EVERY;
+            } else {
+                self.probe_every = (self.probe_every * 2).min(PROBE_EVERY_MAX);
+            }
+        }
     }
 }
 
@@ -205,10 +226,23 @@ mod tests {
                 r.record(false);
             }
         }
-        // The first miss takes the share below a half; then 1 in 8 probes.
-        assert!((5..=12).contains(&waits), "{waits} waits");
+        // The first miss takes the share below a half; then probes after 8,
+        // 16 and 32 more commits.
+        assert_eq!(waits, 4);
+        for _ in 0..1000 {
+            r.committed(MS2, MS2, 16, 0);
+            if r.plan(1, 1024).is_some() {
+                waits += 1;
+                r.record(false);
+            }
+        }
+        // 64, 128, then every 256: a load that never comes back costs a
+        // wait per 256 commits.
+        assert!((8..=10).contains(&waits), "{waits} waits");
+        // The next probe (at most 256 commits away) hits, and from then on
+        // every commit waits.
         let mut in_a_row = 0;
-        for _ in 0..200 {
+        for _ in 0..600 {
             r.committed(MS2, MS2, 16, 0);
             if r.plan(1, 1024).is_some() {
                 r.record(true);
@@ -217,7 +251,7 @@ mod tests {
                 in_a_row = 0;
             }
         }
-        assert!(in_a_row > 100, "hits make waiting the rule again");
+        assert!(in_a_row > 300, "hits make waiting the rule again: {in_a_row}");
     }
 
     #[test]
