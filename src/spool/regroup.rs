@@ -251,7 +251,10 @@ mod tests {
                 in_a_row = 0;
             }
         }
-        assert!(in_a_row > 300, "hits make waiting the rule again: {in_a_row}");
+        assert!(
+            in_a_row > 300,
+            "hits make waiting the rule again: {in_a_row}"
+        );
     }
 
     #[test]
