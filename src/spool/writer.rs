@@ -1,8 +1,10 @@
 //! A writer thread: group commit for one segment stream.
 //!
 //! Loop: block for the first message; take every message already waiting (up
-//! to `batch_messages_max` / `batch_bytes_max`); if messages are arriving
-//! concurrently, wait up to `batch_delay_us_max` for more; encode the batch
+//! to `batch_messages_max` / `batch_bytes_max`); on a disk with slow syncs,
+//! wait briefly for the clients the last commit answered (`regroup.rs`); if
+//! messages are arriving concurrently, wait up to `batch_delay_us_max` for
+//! more (a fixed window, off by default, which replaces regrouping); encode the batch
 //! into one buffer (each record checked as it is encoded); write it with one
 //! `pwrite` into the preallocated segment, past the page cache where the file
 //! system allows (`append`); ONE `fdatasync`; then queue an
