@@ -196,39 +196,13 @@ impl Writer {
             let mut bytes = first.message.body.len();
             batch.push(first);
             // Take everything already waiting, within the caps.
-            while batch.len() < cfg.batch_messages_max && bytes < cfg.batch_bytes_max {
-                match self.rx.try_recv() {
-                    Ok(WriterMsg::Job(j)) => {
-                        self.note_arrival(&j);
-                        bytes += j.message.body.len();
-                        batch.push(j);
-                    }
-                    Ok(WriterMsg::Stop) => {
-                        stopping = true;
-                        break;
-                    }
-                    Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
-                }
-            }
+            stopping = self.take_more(&mut batch, &mut bytes, cfg.batch_messages_max, None);
             // Slow commits: wait for the clients the last commit answered.
             if !stopping
                 && let Some((wait, target)) = self.regroup.plan(batch.len(), cfg.batch_messages_max)
             {
                 let deadline = Instant::now() + wait;
-                while batch.len() < target && bytes < cfg.batch_bytes_max {
-                    match self.rx.recv_deadline(deadline) {
-                        Ok(WriterMsg::Job(j)) => {
-                            self.note_arrival(&j);
-                            bytes += j.message.body.len();
-                            batch.push(j);
-                        }
-                        Ok(WriterMsg::Stop) => {
-                            stopping = true;
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
+                stopping = self.take_more(&mut batch, &mut bytes, target, Some(deadline));
                 let hit = batch.len() >= target;
                 self.regroup.record(hit);
                 let counter = if hit {
@@ -249,20 +223,12 @@ impl Writer {
                 && (self.gap_ewma_ns as u128) < delay.as_nanos()
             {
                 let deadline = Instant::now() + delay;
-                while batch.len() < cfg.batch_messages_max && bytes < cfg.batch_bytes_max {
-                    match self.rx.recv_deadline(deadline) {
-                        Ok(WriterMsg::Job(j)) => {
-                            self.note_arrival(&j);
-                            bytes += j.message.body.len();
-                            batch.push(j);
-                        }
-                        Ok(WriterMsg::Stop) => {
-                            stopping = true;
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
+                stopping = self.take_more(
+                    &mut batch,
+                    &mut bytes,
+                    cfg.batch_messages_max,
+                    Some(deadline),
+                );
             }
             self.previous_batch_len = batch.len();
             let started = Instant::now();
@@ -284,6 +250,36 @@ impl Writer {
             self.unreserve(p.capacity);
             segment::discard_segment(self.shared.config.storage.as_ref(), p);
         }
+    }
+
+    /// Moves queued messages into `batch` (their bodies counted in `bytes`)
+    /// until it holds `up_to` messages or `batch_bytes_max` bytes, or the
+    /// queue is empty (without `deadline`) or stays empty until `deadline`.
+    /// True when a `Stop` came: the caller commits what it has and ends.
+    fn take_more(
+        &mut self,
+        batch: &mut Vec<Job>,
+        bytes: &mut usize,
+        up_to: usize,
+        deadline: Option<Instant>,
+    ) -> bool {
+        let bytes_max = self.shared.config.batch_bytes_max;
+        while batch.len() < up_to && *bytes < bytes_max {
+            let next = match deadline {
+                None => self.rx.try_recv().ok(),
+                Some(d) => self.rx.recv_deadline(d).ok(),
+            };
+            match next {
+                Some(WriterMsg::Job(j)) => {
+                    self.note_arrival(&j);
+                    *bytes += j.message.body.len();
+                    batch.push(j);
+                }
+                Some(WriterMsg::Stop) => return true,
+                None => return false,
+            }
+        }
+        false
     }
 
     /// Writes and syncs `batch`, then delivers every outcome.
