@@ -11,12 +11,13 @@
 # Knobs (environment): DELAYS_US ("0 500 1000 2000 5000 10000"),
 #   CONNECTIONS ("1 16 64 256"), SECONDS_EACH (4), SIZE (4096), CHUNKING (off),
 #   PORT (2499), BIN (target/release/lmtp-ingest), WORK (bench-out/slow-sync),
-#   SERVER_ARGS (more `serve` flags, e.g. "--writers 2").
+#   SERVER_ARGS (more `serve` flags, e.g. "--writers 2"), SERIAL (0).
 #
 # The sleeps of two syncs in flight at once overlap, as on a device that
-# flushes several queues in parallel (cloud volumes, many NVMe drives); a disk
-# that flushes one request at a time would serialize them. So figures with
-# more than one writer are an upper bound for such a disk.
+# flushes several queues in parallel (cloud volumes, many NVMe drives). With
+# SERIAL=1 they take turns, as on a disk that flushes one request at a time
+# (a spinning disk, some SATA SSDs): run both to bracket what more than one
+# writer does (`lmtp-ingest doctor` measures which kind the spool's disk is).
 #
 # Prints one line per run and a table of messages/s (delay x connections),
 # with the spool's mean batch (messages per fdatasync) and the p99 from the
@@ -33,7 +34,8 @@ WORK=${WORK:-$ROOT/bench-out/slow-sync}
 command -v cc >/dev/null || { echo "slow-sync.sh: needs a C compiler (apt-get install gcc)" >&2; exit 1; }
 mkdir -p "$WORK"
 SHIM=$WORK/slowsync.so
-cc -O2 -Wall -shared -fPIC -o "$SHIM" "$ROOT/bench/slow-sync/slowsync.c" -ldl
+SERIAL=${SERIAL:-0}
+cc -O2 -Wall -shared -fPIC -o "$SHIM" "$ROOT/bench/slow-sync/slowsync.c" -ldl -lpthread
 results=$WORK/results.tsv
 printf 'delay_us\tconnections\tmsgs_per_s\tp50_us\tp99_us\tbatch_mean\tsync_mean_us\n' >"$results"
 
@@ -45,7 +47,7 @@ for delay in $DELAYS_US; do
     for conns in $CONNECTIONS; do
         rm -rf "$WORK/spool"
         # shellcheck disable=SC2086  # SERVER_ARGS is a list of flags
-        LD_PRELOAD=$SHIM SLOW_SYNC_US=$delay "$BIN" serve --spool "$WORK/spool" \
+        LD_PRELOAD=$SHIM SLOW_SYNC_US=$delay SLOW_SYNC_SERIAL=$SERIAL "$BIN" serve --spool "$WORK/spool" \
             --listen "127.0.0.1:$PORT" ${SERVER_ARGS:-} 2>"$WORK/server.log" &
         server=$!
         for _ in $(seq 200); do

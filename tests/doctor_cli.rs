@@ -1,7 +1,9 @@
 //! `lmtp-ingest doctor` end to end: against a spool on the real disk (under
 //! `target/`) the JSON report has every check with a status, a value and a
 //! fix where needed, and a positive fdatasync measurement; a spool on tmpfs
-//! fails with the fix; bad flags exit 2.
+//! fails with the fix; bad flags exit 2. With bench/slow-sync's shim making
+//! syncs slow, doctor tells a disk that flushes in parallel (advice: a second
+//! writer) from one that flushes one request at a time (advice: one).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -95,6 +97,11 @@ fn json_report_on_a_real_disk() {
     assert_eq!(check(&r, "spool_dir")["status"], "ok");
     assert_ne!(check(&r, "spool_fs")["status"], "fail");
 
+    let p = &r["fsync"]["parallel"];
+    assert_eq!(p["streams"], 2, "{p}");
+    for k in ["syncs_per_s", "median_us", "gain"] {
+        assert!(p[k].as_f64().unwrap() > 0.0, "parallel.{k}: {p}");
+    }
     for mode in ["append", "overwrite"] {
         let m = &r["fsync"][mode];
         assert!(m["iterations"].as_u64().unwrap() >= 1, "{m}");
@@ -204,4 +211,69 @@ fn the_tuning_example_configuration_is_valid() {
         printed.contains("dir = \"/var/lib/lmtp-ingest/spool\""),
         "{printed}"
     );
+}
+
+/// Builds bench/slow-sync's shim into the test's scratch directory.
+fn slow_sync_shim() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let so = Path::new(env!("CARGO_TARGET_TMPDIR")).join("doctor-slowsync.so");
+    let out = Command::new("cc")
+        .args(["-O2", "-Wall", "-shared", "-fPIC", "-o"])
+        .arg(&so)
+        .arg(root.join("bench/slow-sync/slowsync.c"))
+        .args(["-ldl", "-lpthread"])
+        .output()
+        .expect("cc (tests/setup.sh installs gcc)");
+    assert!(
+        out.status.success(),
+        "building the shim: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    so
+}
+
+/// Doctor's report with every sync of it made 3 ms longer, the sleeps of
+/// concurrent syncs overlapping (`serial` false) or taking turns.
+fn doctor_on_slow_disk(shim: &Path, spool: &Path, serial: bool) -> Value {
+    let out = Command::new(BIN)
+        .args(["doctor", "--json", "--fsync-seconds", "0.9", "--spool"])
+        .arg(spool)
+        .env("LD_PRELOAD", shim)
+        .env("SLOW_SYNC_US", "3000")
+        .env("SLOW_SYNC_SERIAL", if serial { "1" } else { "0" })
+        .output()
+        .unwrap();
+    json(&out)
+}
+
+#[test]
+fn parallel_streams_tell_how_the_disk_flushes() {
+    let shim = slow_sync_shim();
+    let spool = disk_dir("slow");
+    let writers = |r: &Value| -> (String, Option<String>) {
+        let a = r["advice"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["topic"] == "writers")
+            .unwrap();
+        (
+            a["text"].as_str().unwrap().to_string(),
+            a["config"].as_str().map(str::to_string),
+        )
+    };
+
+    let r = doctor_on_slow_disk(&shim, &spool, false);
+    let gain = r["fsync"]["parallel"]["gain"].as_f64().unwrap();
+    assert!(gain > 1.5, "overlapping flushes: {:#}", r["fsync"]);
+    let (text, config) = writers(&r);
+    assert_eq!(config.as_deref(), Some("writers = 2"), "{text}");
+
+    let r = doctor_on_slow_disk(&shim, &spool, true);
+    let gain = r["fsync"]["parallel"]["gain"].as_f64().unwrap();
+    assert!(gain < 1.3, "flushes in turn: {:#}", r["fsync"]);
+    let (text, config) = writers(&r);
+    assert!(text.contains("one request at a time"), "{text}");
+    assert_eq!(config, None, "already one writer: {text}");
+    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
 }

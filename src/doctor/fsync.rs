@@ -1,8 +1,9 @@
 //! A measured fdatasync latency on the spool's file system, in the spirit of
 //! PostgreSQL's `pg_test_fsync`.
 //!
-//! Two modes, each given half the time budget (and at most
-//! [`ITERATIONS_MAX`] rounds), in a temporary file in the spool directory:
+//! Three modes, each given a third of the time budget (and at most
+//! [`ITERATIONS_MAX`] rounds per stream), in temporary files in the spool
+//! directory:
 //! - `append`: write 4 KiB at the end of the file, then `fdatasync`. Each sync
 //!   also commits the new file size (a journal commit on ext4/xfs), like
 //!   `pg_test_fsync` and the shared `fsync_bench.py`.
@@ -11,15 +12,23 @@
 //!   fdatasync has no metadata to write), and like them past the page cache
 //!   (`O_DIRECT`) where the file system allows it. This is the figure the
 //!   advice uses.
+//! - `parallel`: [`PARALLEL_STREAMS`] threads doing `overwrite` at once, each
+//!   in its own file, as that many spool writers would. Their syncs per
+//!   second together against one stream's say whether the device runs
+//!   flushes in parallel (many NVMe drives, cloud volumes: more writers add
+//!   commits) or one at a time (a spinning disk, some SATA SSDs: they do
+//!   not), which is what the `writers` advice needs and what no `/sys` flag
+//!   tells.
 //!
-//! Must not: leave the file behind (a guard removes it on every path, panics
-//! included), or write more than [`ITERATIONS_MAX`] x 4 KiB per mode.
+//! Must not: leave a file behind (a guard removes each on every path, panics
+//! included), or write more than [`ITERATIONS_MAX`] x 4 KiB per stream.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -34,6 +43,8 @@ pub const BLOCK_BYTES: usize = 4096;
 pub const ITERATIONS_MAX: usize = 16_384;
 /// The pre-zeroed file for `overwrite`: writes wrap around inside it.
 const OVERWRITE_FILE_BYTES: u64 = 16 << 20;
+/// Streams of the `parallel` mode: the second writer the advice is about.
+pub const PARALLEL_STREAMS: usize = 2;
 
 /// Latency of write + fdatasync, in microseconds.
 #[derive(Clone, Debug, Serialize)]
@@ -47,6 +58,20 @@ pub struct LatencyStats {
     pub syncs_per_s: f64,
 }
 
+/// [`PARALLEL_STREAMS`] overwrite streams at once.
+#[derive(Clone, Debug, Serialize)]
+pub struct ParallelStats {
+    pub streams: usize,
+    /// Syncs per second of all streams together.
+    pub syncs_per_s: f64,
+    /// The slowest stream's median write + fdatasync, in microseconds.
+    pub median_us: f64,
+    /// `syncs_per_s` over one stream's (the `overwrite` mode's): about 1 when
+    /// the device flushes one request at a time, up to `streams` when it
+    /// flushes them in parallel.
+    pub gain: f64,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct FsyncReport {
     pub dir: PathBuf,
@@ -58,6 +83,8 @@ pub struct FsyncReport {
     /// The overwrites went past the page cache (`O_DIRECT`), as the spool's
     /// writers do where the file system allows it (`spool.direct_io`).
     pub overwrite_direct: bool,
+    /// Several overwrite streams at once (what more writers would see).
+    pub parallel: ParallelStats,
 }
 
 /// Removes the temporary file however the measurement ends.
@@ -138,21 +165,21 @@ fn rounds(
     Ok(stats(lat, start.elapsed()))
 }
 
-/// Measures both modes in `dir`, `total` split between them.
-pub fn measure(dir: &Path, total: Duration) -> io::Result<FsyncReport> {
-    let half = total / 2;
-    // Not all zeros, in case the file system compresses or dedups.
-    let block: Vec<u8> = (0..BLOCK_BYTES).map(|i| (i * 131 % 251) as u8).collect();
-
-    let append = {
-        let t = TempFile::create(dir, "append")?;
-        fdatasync(&t.file)?;
-        let mut f: &File = &t.file;
-        rounds(&t.file, half, |_| f.write_all(&block))?
-    };
-
-    let overwrite = {
-        let t = TempFile::create(dir, "overwrite")?;
+/// One `overwrite` stream: a pre-zeroed file in `dir`, then rounds of a
+/// 4 KiB write at the next slot + fdatasync for `budget`, starting together
+/// with the other streams at `start` when given. Returns the stats and
+/// whether the writes went past the page cache.
+fn overwrite_stream(
+    dir: &Path,
+    tag: &str,
+    budget: Duration,
+    start: Option<&Barrier>,
+) -> io::Result<(LatencyStats, bool)> {
+    let block = pattern();
+    let t = TempFile::create(dir, tag);
+    // Every stream reaches the barrier, even one that failed to set up, so
+    // that the others are not left waiting.
+    let prepared = t.and_then(|t| {
         let zeros = vec![0u8; 1 << 20];
         let mut f: &File = &t.file;
         for _ in 0..OVERWRITE_FILE_BYTES / zeros.len() as u64 {
@@ -161,24 +188,81 @@ pub fn measure(dir: &Path, total: Duration) -> io::Result<FsyncReport> {
         t.file.sync_all()?;
         // As the spool writes: through its storage seam, past the page cache
         // where the file system allows it, from a block-aligned buffer.
-        let mut f = RealStorage.open(&t.path)?;
-        let mut aligned = AlignedBuf::new();
-        aligned.get(BLOCK_BYTES).copy_from_slice(&block);
-        let mut direct = true;
-        let slots = OVERWRITE_FILE_BYTES / BLOCK_BYTES as u64;
-        let stats = rounds(&t.file, half, |i| {
-            let pos = (i as u64 % slots) * BLOCK_BYTES as u64;
-            if direct {
-                match f.write_direct_at(aligned.as_slice(BLOCK_BYTES), pos) {
-                    Err(e) if e.kind() == io::ErrorKind::Unsupported => direct = false,
-                    r => return r,
-                }
+        let storage = RealStorage.open(&t.path)?;
+        Ok((t, storage))
+    });
+    if let Some(b) = start {
+        b.wait();
+    }
+    let (t, mut f) = prepared?;
+    let mut aligned = AlignedBuf::new();
+    aligned.get(BLOCK_BYTES).copy_from_slice(&block);
+    let mut direct = true;
+    let slots = OVERWRITE_FILE_BYTES / BLOCK_BYTES as u64;
+    let stats = rounds(&t.file, budget, |i| {
+        let pos = (i as u64 % slots) * BLOCK_BYTES as u64;
+        if direct {
+            match f.write_direct_at(aligned.as_slice(BLOCK_BYTES), pos) {
+                Err(e) if e.kind() == io::ErrorKind::Unsupported => direct = false,
+                r => return r,
             }
-            f.write_all_at(&block, pos)
-        })?;
-        (stats, direct)
+        }
+        f.write_all_at(&block, pos)
+    })?;
+    Ok((stats, direct))
+}
+
+/// Not all zeros, in case the file system compresses or dedups.
+fn pattern() -> Vec<u8> {
+    (0..BLOCK_BYTES).map(|i| (i * 131 % 251) as u8).collect()
+}
+
+/// [`PARALLEL_STREAMS`] overwrite streams at once, for `budget`.
+fn parallel(dir: &Path, budget: Duration, one_stream: &LatencyStats) -> io::Result<ParallelStats> {
+    let start = Barrier::new(PARALLEL_STREAMS);
+    let results: Vec<io::Result<(LatencyStats, bool)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..PARALLEL_STREAMS)
+            .map(|i| {
+                let start = &start;
+                s.spawn(move || overwrite_stream(dir, &format!("parallel{i}"), budget, Some(start)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("a parallel stream panicked")))
+            })
+            .collect()
+    });
+    let mut syncs_per_s = 0.0;
+    let mut median_us: f64 = 0.0;
+    for r in results {
+        let (s, _) = r?;
+        syncs_per_s += s.syncs_per_s;
+        median_us = median_us.max(s.median_us);
+    }
+    Ok(ParallelStats {
+        streams: PARALLEL_STREAMS,
+        syncs_per_s,
+        median_us,
+        gain: syncs_per_s / one_stream.syncs_per_s.max(1e-9),
+    })
+}
+
+/// Measures the three modes in `dir`, `total` split between them.
+pub fn measure(dir: &Path, total: Duration) -> io::Result<FsyncReport> {
+    let third = total / 3;
+    let block = pattern();
+
+    let append = {
+        let t = TempFile::create(dir, "append")?;
+        fdatasync(&t.file)?;
+        let mut f: &File = &t.file;
+        rounds(&t.file, third, |_| f.write_all(&block))?
     };
-    let (overwrite, overwrite_direct) = overwrite;
+    let (overwrite, overwrite_direct) = overwrite_stream(dir, "overwrite", third, None)?;
+    let parallel = parallel(dir, third, &overwrite)?;
 
     Ok(FsyncReport {
         dir: dir.to_path_buf(),
@@ -186,6 +270,7 @@ pub fn measure(dir: &Path, total: Duration) -> io::Result<FsyncReport> {
         append,
         overwrite,
         overwrite_direct,
+        parallel,
     })
 }
 
@@ -225,10 +310,15 @@ pub fn check(r: &FsyncReport) -> Check {
     } else {
         "page cache: O_DIRECT refused here"
     };
+    let p = &r.parallel;
     let value = format!(
-        "overwrite (spool-like, {how}) {}; append {}",
+        "overwrite (spool-like, {how}) {}; append {}; {} overwrite streams at once {:.0} syncs/s together, {:.2}x one stream's {:.0}",
         line(o),
-        line(&r.append)
+        line(&r.append),
+        p.streams,
+        p.syncs_per_s,
+        p.gain,
+        o.syncs_per_s
     );
     if o.median_us > SLOW_MEDIAN_US {
         Check::warn(
@@ -270,6 +360,11 @@ mod tests {
             assert!(s.iterations >= 1 && s.median_us > 0.0, "{s:?}");
             assert!(s.min_us <= s.median_us && s.median_us <= s.p99_us && s.p99_us <= s.max_us);
         }
+        let p = &r.parallel;
+        assert_eq!(p.streams, PARALLEL_STREAMS);
+        assert!(p.syncs_per_s > 0.0 && p.median_us > 0.0, "{p:?}");
+        let want = p.syncs_per_s / r.overwrite.syncs_per_s;
+        assert!((p.gain - want).abs() < 1e-9, "{p:?}");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }
