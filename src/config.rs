@@ -109,6 +109,21 @@ pub struct LogSection {
     pub format: String,
 }
 
+/// A list of strings, or one string standing for a list of one: `listen =
+/// "127.0.0.1:24"` is what people write for a single address.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged, expecting = "an address string or a list of address strings")]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 impl Default for LogSection {
     fn default() -> Self {
         LogSection {
@@ -121,7 +136,8 @@ impl Default for LogSection {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerSection {
-    /// `IP:PORT` or `unix:/path`; several allowed.
+    /// `IP:PORT` or `unix:/path`; several allowed (a list), or one (a string).
+    #[serde(deserialize_with = "one_or_many")]
     pub listen: Vec<String>,
     /// Name in the greeting and replies; empty: the machine's host name.
     pub hostname: String,
@@ -640,6 +656,19 @@ mod tests {
         assert_eq!(checked.unix_socket_mode, 0o660);
         let text = c.to_toml();
         assert_eq!(Config::from_toml(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn listen_takes_one_address_or_a_list() {
+        let c = Config::from_toml("[server]\nlisten = \"127.0.0.1:24\"\n").unwrap();
+        assert_eq!(c.server.listen, ["127.0.0.1:24"]);
+        let c = Config::from_toml("[server]\nlisten = [\"127.0.0.1:24\", \"unix:/run/l.sock\"]\n")
+            .unwrap();
+        assert_eq!(c.server.listen, ["127.0.0.1:24", "unix:/run/l.sock"]);
+        let e = Config::from_toml("[server]\nlisten = 24\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("an address string or a list"), "{e}");
     }
 
     #[test]

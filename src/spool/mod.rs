@@ -391,7 +391,15 @@ impl Spool {
         let dir = config.dir.clone();
         if !dir.exists() {
             std::fs::create_dir_all(&dir)
-                .map_err(|e| SpoolError::io(format!("create spool dir {}", dir.display()), e))?;
+                .map_err(|e| {
+                    SpoolError::io(
+                        format!(
+                            "create spool dir {} (create it as the server's user, e.g. `install -d -o lmtp-ingest {0}`, or choose another with --spool or spool.dir)",
+                            dir.display()
+                        ),
+                        e,
+                    )
+                })?;
             if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
                 config
                     .storage
