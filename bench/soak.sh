@@ -11,7 +11,8 @@
 #   WORK (bench-out/soak), CHURN (1: also Postfix's smtp-source, a connection
 #   per message, when installed), SPOOL_CAP (8 GiB), SLOW_SYNC_US (0: else
 #   every fdatasync of the server takes that much longer, through
-#   bench/slow-sync/slowsync.c, as on a slow disk; needs a C compiler).
+#   bench/slow-sync/slowsync.c, as on a slow disk; needs a C compiler),
+#   SERVER_ARGS (more `serve` flags, e.g. "--io epoll" or "--writers 2").
 #
 # The load, all at once for DURATION seconds:
 #   - `lmtp-ingest load`: 64 pipelined connections, DATA, 1 recipient, sizes
@@ -50,7 +51,7 @@ rm -rf "$WORK"; mkdir -p "$WORK"
 SLOW_SYNC_US=${SLOW_SYNC_US:-0}
 preload=""
 if [ "$SLOW_SYNC_US" != 0 ]; then
-    cc -O2 -Wall -shared -fPIC -o "$WORK/slowsync.so" "$ROOT/bench/slow-sync/slowsync.c" -ldl
+    cc -O2 -Wall -shared -fPIC -o "$WORK/slowsync.so" "$ROOT/bench/slow-sync/slowsync.c" -ldl -lpthread
     preload=$WORK/slowsync.so
 fi
 SPOOL=$WORK/spool
@@ -75,7 +76,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-LD_PRELOAD=$preload SLOW_SYNC_US=$SLOW_SYNC_US "$BIN" serve --config "$WORK/soak.toml" 2>"$WORK/server.log" &
+# shellcheck disable=SC2086  # SERVER_ARGS is a list of flags
+LD_PRELOAD=$preload SLOW_SYNC_US=$SLOW_SYNC_US "$BIN" serve --config "$WORK/soak.toml" ${SERVER_ARGS:-} 2>"$WORK/server.log" &
 server=$!; pids+=("$server")
 for _ in $(seq 100); do
     "$BIN" load --target "127.0.0.1:$PORT" --connections 1 --messages 1 >/dev/null 2>&1 && break
@@ -109,7 +111,7 @@ sample() {
 }
 sample & sampler=$!; pids+=("$sampler")
 
-echo "soak: ${DURATION}s$([ "$SLOW_SYNC_US" != 0 ] && echo ", every fdatasync ${SLOW_SYNC_US} µs longer"), $RATE msg/s pipelined + $((RATE / 10)) msg/s x 20 rcpts BDAT$([ "$CHURN" = 1 ] && echo " + smtp-source churn"); work in $WORK"
+echo "soak: ${DURATION}s$([ "$SLOW_SYNC_US" != 0 ] && echo ", every fdatasync ${SLOW_SYNC_US} µs longer")${SERVER_ARGS:+, serve $SERVER_ARGS}, $RATE msg/s pipelined + $((RATE / 10)) msg/s x 20 rcpts BDAT$([ "$CHURN" = 1 ] && echo " + smtp-source churn"); work in $WORK"
 "$BIN" load --target "127.0.0.1:$PORT" --connections 64 --pipelining on --recipients 1 \
     --size-dist "2048:50,8192:35,65536:14,524288:1" --rate "$RATE" --duration "$DURATION" \
     --json >"$WORK/load-a.json" 2>"$WORK/load-a.err" & gen_a=$!; pids+=("$gen_a")

@@ -1,7 +1,8 @@
 //! A spool at its size cap on the real server: the message that finds no
 //! room gets `452 4.3.1` per recipient after its data; from then on, until
 //! room returns, MAIL itself answers `452 4.3.1`, so a client keeps its mail
-//! queued without sending the data first. Both backends.
+//! queued without sending the data first; the server logs once what ran out
+//! and the fix. Both backends.
 
 mod server_util;
 
@@ -14,7 +15,7 @@ fn at_the_cap_mail_is_refused_before_the_data() {
     for io in backends() {
         // One 1 MiB segment and no room for a spare: 64 KiB messages fill it
         // after about fifteen.
-        let server = Server::start(
+        let mut server = Server::start(
             &format!("storage-full-{io}"),
             io,
             &["--spool-bytes-max", "1048576"],
@@ -37,6 +38,15 @@ fn at_the_cap_mail_is_refused_before_the_data() {
             "{io}: {refusal}"
         );
         assert!(stored >= 10, "{io}: only {stored} stored");
+        let line = server
+            .wait_log("spool full:", Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("{io}: no spool-full line: {:#?}", server.log_lines));
+        assert!(
+            line.contains("WARN")
+                && line.contains("spool.spool_bytes_max = 1048576")
+                && line.contains("fix: "),
+            "{io}: {line}"
+        );
 
         // Now MAIL is refused at once, on this connection and a new one.
         c.cmd(
@@ -58,6 +68,14 @@ fn at_the_cap_mail_is_refused_before_the_data() {
         fresh.cmd("MAIL FROM:<s@example.net>", "452 4.3.1").unwrap();
         fresh.cmd("QUIT", "221 ").unwrap();
         c.cmd("QUIT", "221 ").unwrap();
+
+        assert!(server.stop().success(), "{io}: {:#?}", server.log_lines);
+        let full_lines = server
+            .log_lines
+            .iter()
+            .filter(|l| l.contains("spool full:"))
+            .count();
+        assert_eq!(full_lines, 1, "{io}: logged once, not per refusal");
 
         let v = server_util::verify(&server.spool);
         assert_eq!(v["messages"], stored, "{io}: {v}");

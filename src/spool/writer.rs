@@ -30,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{Receiver, TryRecvError};
 
 use super::append::Appender;
+use super::lock;
 use super::record;
 use super::recover::{self, StreamEnd};
 use super::regroup::Regroup;
@@ -40,18 +41,44 @@ use super::watermark::{Watermark, WatermarkFile};
 use super::{Job, Shared, SpoolError, WriterMsg, queue_id_from_parts};
 use crate::envelope::CommitOutcome;
 
-/// Why a batch failed as a whole.
+/// Why a batch failed as a whole, and the cause in words for the log.
 enum Fail {
     /// No space (disk or size cap): `StorageFull`.
-    Full,
+    Full(String),
     /// Any other I/O error: `Failed`.
-    Io,
+    Io(String),
 }
 
-fn classify(e: &io::Error) -> Fail {
+/// `what` failed with `e`: a full disk or quota, or another I/O error.
+fn classify(what: &str, e: &io::Error) -> Fail {
+    let cause = format!("{what}: {e}");
     match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => Fail::Full,
-        _ => Fail::Io,
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => Fail::Full(cause),
+        _ => Fail::Io(cause),
+    }
+}
+
+/// At most one log line per this interval for repeated write failures (a
+/// dying disk fails every batch), with a count of those not logged.
+const IO_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Lets one event through per interval and counts those held back.
+#[derive(Debug, Default)]
+struct LogLimit {
+    last: Option<Instant>,
+    held: u64,
+}
+
+impl LogLimit {
+    /// `Some(held back since the last one let through)` when an event at
+    /// `now` may be logged, else `None` (and it is counted).
+    fn due(&mut self, now: Instant, every: Duration) -> Option<u64> {
+        if self.last.is_some_and(|at| now.duration_since(at) < every) {
+            self.held += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held))
     }
 }
 
@@ -66,6 +93,10 @@ pub(crate) struct Writer {
     last_ms: u64,
     /// Set while refusing work for lack of space: when to look again.
     full_retry_at: Option<Instant>,
+    /// The lack of space has been logged and its end not yet.
+    full_logged: bool,
+    /// Write failures logged, at most one line per [`IO_ERROR_LOG_EVERY`].
+    io_error_log: LogLimit,
     buf: StageBuf,
     /// Writes `buf` into segments (directly where the file system allows).
     appender: Appender,
@@ -125,6 +156,8 @@ impl Writer {
             next_seq: end.as_ref().map_or(0, |e| e.next_seq),
             last_ms: end.as_ref().map_or(0, |e| e.last_id_ms),
             full_retry_at: None,
+            full_logged: false,
+            io_error_log: LogLimit::default(),
             buf: StageBuf::new(),
             appender: Appender::new(direct_io),
             gap_ewma_ns: u64::MAX / 2,
@@ -292,7 +325,7 @@ impl Writer {
         let refusing = flag.load(Ordering::Relaxed)
             && self.full_retry_at.is_some_and(|at| Instant::now() < at);
         let result = if refusing {
-            Err(Fail::Full)
+            Err(Fail::Full("still no room; waiting for it".into()))
         } else {
             self.write_batch(batch, &mut outcomes)
         };
@@ -300,16 +333,26 @@ impl Writer {
             Ok(()) => {
                 self.full_retry_at = None;
                 flag.store(false, Ordering::Relaxed);
+                if std::mem::take(&mut self.full_logged) {
+                    tracing::info!(
+                        writer = self.id,
+                        "spool: room again; this writer accepts mail"
+                    );
+                }
                 self.prepare_spare();
             }
-            Err(Fail::Full) => {
+            Err(Fail::Full(cause)) => {
                 if !refusing {
                     let retry = self.shared.config.maintenance_interval;
                     self.full_retry_at = Some(Instant::now() + retry);
                 }
                 flag.store(true, Ordering::Relaxed);
+                if !self.full_logged {
+                    self.full_logged = true;
+                    self.log_full(cause);
+                }
             }
-            Err(Fail::Io) => {}
+            Err(Fail::Io(cause)) => self.log_io_error(cause, batch.len()),
         }
         // What arrived during the commit, counted before any producer hears
         // its outcome and sends again (regroup.rs).
@@ -322,8 +365,8 @@ impl Writer {
             let outcome = match (&result, slot) {
                 (Ok(()), Some(o)) => o,
                 (Ok(()), None) => unreachable!("write_batch sets every slot on success"),
-                (_, Some(CommitOutcome::Failed)) | (Err(Fail::Io), _) => CommitOutcome::Failed,
-                (Err(Fail::Full), _) => CommitOutcome::StorageFull,
+                (_, Some(CommitOutcome::Failed)) | (Err(Fail::Io(_)), _) => CommitOutcome::Failed,
+                (Err(Fail::Full(_)), _) => CommitOutcome::StorageFull,
             };
             let counter = match outcome {
                 CommitOutcome::Committed(_) => &self.stats.messages_committed,
@@ -339,6 +382,32 @@ impl Writer {
         for p in to_wake {
             p.wake();
         }
+    }
+
+    /// The first refusal for lack of space: what ran out, what the clients
+    /// are told, and the fix.
+    fn log_full(&self, cause: &str) {
+        let cfg = &self.shared.config;
+        let free = lock::free_bytes(&cfg.dir)
+            .map_or_else(|e| format!("unknown ({e})"), |b| format!("{b} bytes"));
+        tracing::warn!(
+            writer = self.id,
+            "spool full: {cause}; refusing mail with 452 4.3.1 (MTAs keep it queued and retry) until there is room for a new segment of {} bytes; free on {}: {free}; fix: free space on that file system, raise spool.spool_bytes_max, or let consumers catch up so that retention removes what they have read",
+            cfg.segment_bytes,
+            cfg.dir.display()
+        );
+    }
+
+    /// A batch that failed for a reason other than space: logged at once,
+    /// then at most once per [`IO_ERROR_LOG_EVERY`] with the count between.
+    fn log_io_error(&mut self, cause: &str, messages: usize) {
+        let Some(held) = self.io_error_log.due(Instant::now(), IO_ERROR_LOG_EVERY) else {
+            return;
+        };
+        tracing::error!(
+            writer = self.id,
+            "spool write failed: {cause}; the batch's {messages} message(s) were answered 451 4.3.0 (MTAs retry) and its records abandoned ({held} more failed batches since the last such line); fix: check the disk (dmesg, smartctl) and the file system"
+        );
     }
 
     /// Encodes, writes and syncs the batch. On `Ok`, `outcomes` holds
@@ -407,7 +476,7 @@ impl Writer {
             let seg = &mut segs.last_mut().expect("one segment").0;
             self.appender
                 .begin(seg, &mut self.buf)
-                .map_err(|e| classify(&e))?
+                .map_err(|e| classify("start the batch's write", &e))?
         };
         // File offset of buf[lead] in the last segment of `segs`.
         let mut base = segs.last().expect("one segment").0.write_offset;
@@ -441,13 +510,14 @@ impl Writer {
                     bytes += (start - lead) as u64;
                     self.appender
                         .finish(seg, &mut self.buf, lead)
-                        .map_err(|e| classify(&e))?;
+                        .map_err(|e| classify("write records", &e))?;
                 }
                 let mut fresh = self.new_segment(SEGMENT_HEADER_LEN + len as u64)?;
                 base = fresh.write_offset;
                 let begun = self.appender.begin(&mut fresh, &mut self.buf);
                 segs.push((fresh, base));
-                lead = begun.map_err(|e| classify(&e))?;
+                lead =
+                    begun.map_err(|e| classify("start the batch's write in a new segment", &e))?;
                 self.buf.put(&record);
             }
             *slot = Some(CommitOutcome::Committed(id));
@@ -464,11 +534,11 @@ impl Writer {
             bytes += (self.buf.len() - lead) as u64;
             self.appender
                 .finish(seg, &mut self.buf, lead)
-                .map_err(|e| classify(&e))?;
+                .map_err(|e| classify("write records", &e))?;
         }
         for (s, _) in segs.iter_mut() {
             let t = Instant::now();
-            s.file.sync_data().map_err(|e| classify(&e))?;
+            s.file.sync_data().map_err(|e| classify("fdatasync", &e))?;
             let took = t.elapsed();
             self.last_sync += took;
             self.stats.record_fsync(took.as_nanos() as u64);
@@ -483,7 +553,9 @@ impl Writer {
         if let Some(cap) = self.shared.config.spool_bytes_max {
             let used = self.shared.spool_bytes.load(Ordering::Relaxed);
             if cap.saturating_sub(used) < capacity {
-                return Err(Fail::Full);
+                return Err(Fail::Full(format!(
+                    "the size cap spool.spool_bytes_max = {cap} bytes is reached ({used} in segments)"
+                )));
             }
         }
         self.shared
@@ -549,7 +621,7 @@ impl Writer {
                 let seg =
                     segment::install_segment(cfg.storage.as_ref(), &cfg.dir, p).map_err(|e| {
                         self.unreserve(cap);
-                        classify(&e)
+                        classify("install the prepared segment", &e)
                     })?;
                 self.stats.add(&self.stats.segments_created, 1);
                 return Ok(seg);
@@ -563,9 +635,41 @@ impl Writer {
             segment::create_segment(cfg.storage.as_ref(), &cfg.dir, id, capacity, cfg.direct_io)
                 .map_err(|e| {
                     self.unreserve(capacity);
-                    classify(&e)
+                    classify("create a segment", &e)
                 })?;
         self.stats.add(&self.stats.segments_created, 1);
         Ok(seg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_limit_lets_one_through_per_interval_and_counts_the_rest() {
+        let every = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let mut l = LogLimit::default();
+        assert_eq!(l.due(t0, every), Some(0), "the first is logged");
+        assert_eq!(l.due(t0 + Duration::from_secs(1), every), None);
+        assert_eq!(l.due(t0 + Duration::from_secs(9), every), None);
+        assert_eq!(l.due(t0 + every, every), Some(2), "then with the count");
+        assert_eq!(l.due(t0 + every + Duration::from_secs(1), every), None);
+        assert_eq!(l.due(t0 + every * 3, every), Some(1));
+    }
+
+    #[test]
+    fn full_disks_and_quotas_are_full_and_the_rest_io() {
+        let full = io::Error::from_raw_os_error(libc::ENOSPC);
+        assert!(
+            matches!(classify("fdatasync", &full), Fail::Full(c) if c.starts_with("fdatasync: "))
+        );
+        let quota = io::Error::from_raw_os_error(libc::EDQUOT);
+        assert!(matches!(classify("write", &quota), Fail::Full(_)));
+        let eio = io::Error::from_raw_os_error(libc::EIO);
+        assert!(
+            matches!(classify("write records", &eio), Fail::Io(c) if c.contains("write records"))
+        );
     }
 }
