@@ -17,7 +17,7 @@ use crate::io::LogFormat;
 use crate::io::listen::ListenAddr;
 use crate::policy::PolicySpec;
 use crate::proto::{BareLineEndings, Limits};
-use crate::spool::SpoolConfig;
+use crate::spool::{FillPolicy, SpoolConfig};
 
 /// `[policy]`: which recipients are accepted at RCPT.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -205,6 +205,10 @@ pub struct SpoolSection {
     /// Write records past the page cache (`O_DIRECT`), falling back to
     /// buffered writes where the file system refuses it.
     pub direct_io: bool,
+    /// How new segments are made ready: "auto" (zero-filled, or only
+    /// allocated while batches average 512 KiB or more), "zeros" or
+    /// "allocate".
+    pub segment_fill: String,
     /// Accept a spool on tmpfs (not durable; for tests only).
     pub allow_tmpfs: bool,
 }
@@ -265,6 +269,7 @@ impl Default for SpoolSection {
             batch_regroup: s.batch_regroup,
             spool_bytes_max: 0,
             direct_io: s.direct_io,
+            segment_fill: s.segment_fill.as_str().into(),
             allow_tmpfs: false,
         }
     }
@@ -457,6 +462,13 @@ impl Config {
                 "use the defaults (4194304 and 1024) or other positive values",
             ));
         }
+        if FillPolicy::parse(&s.segment_fill).is_none() {
+            return Err(bad(
+                "spool.segment_fill",
+                format!("\"{}\" is not a way to make segments", s.segment_fill),
+                "use \"auto\" (default), \"zeros\" or \"allocate\"",
+            ));
+        }
         if s.batch_delay_us_max > 100_000 {
             return Err(bad(
                 "spool.batch_delay_us_max",
@@ -639,6 +651,8 @@ impl Config {
         c.batch_regroup = s.batch_regroup;
         c.spool_bytes_max = (s.spool_bytes_max > 0).then_some(s.spool_bytes_max);
         c.direct_io = s.direct_io;
+        // Checked by `check`; an unchecked bad value keeps the default.
+        c.segment_fill = FillPolicy::parse(&s.segment_fill).unwrap_or(c.segment_fill);
         c.allow_tmpfs = s.allow_tmpfs;
         c
     }

@@ -2,7 +2,8 @@
 //! acknowledged queue id; the parent kills it with SIGKILL at random moments,
 //! many times over the same spool (each child recovers what the previous one
 //! left), then recovers once more and checks that every acknowledged message
-//! is present and byte-identical and that no torn record is left.
+//! is present and byte-identical and that no torn record is left. Odd
+//! lives make their segments by allocation, even ones by zero-filling.
 //!
 //! The child is this test binary run again with `SPOOL_CRASH_CHILD` set and
 //! `--exact` naming this test, so no extra binary is needed.
@@ -16,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use lmtp_ingest::envelope::{CommitOutcome, QueueId};
-use lmtp_ingest::spool::{Spool, reader};
+use lmtp_ingest::spool::{FillPolicy, Spool, reader};
 use spool_util::{config, message, spool_dir};
 
 const CHILD_ENV: &str = "SPOOL_CRASH_CHILD";
@@ -34,6 +35,13 @@ fn child(dir: &str, cycle: u64) {
     let mut cfg = config(std::path::Path::new(dir));
     cfg.writers = 2;
     cfg.segment_bytes = 128 << 10;
+    // Segments zero-filled in some lives and only allocated in others, so
+    // that recovery meets both kinds, torn tails in either.
+    cfg.segment_fill = if cycle % 2 == 1 {
+        FillPolicy::Allocate
+    } else {
+        FillPolicy::Zeros
+    };
     let (spool, report) = Spool::open(cfg).expect("child: open spool");
     let out = Arc::new(Mutex::new(std::io::stdout()));
     {

@@ -33,6 +33,9 @@ impl StorageFile for SlowFile {
     fn write_direct_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.0.write_direct_at(buf, offset)
     }
+    fn allocate(&mut self, len: u64) -> io::Result<()> {
+        self.0.allocate(len)
+    }
     fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.0.read_exact_at(buf, offset)
     }

@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// Size of each preallocated spool segment file, in bytes.
     #[arg(long, value_name = "BYTES")]
     segment_bytes: Option<u64>,
+    /// How new segments are made ready: auto (zero-filled, or only allocated
+    /// while batches average 512 KiB or more), zeros or allocate.
+    #[arg(long, value_name = "HOW", value_parser = ["auto", "zeros", "allocate"])]
+    segment_fill: Option<String>,
     /// Cap on the spool's size in bytes (0: the disk is the limit).
     #[arg(long, value_name = "BYTES")]
     spool_bytes_max: Option<u64>,
@@ -138,6 +142,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.segment_bytes {
             c.spool.segment_bytes = v;
+        }
+        if let Some(v) = &self.segment_fill {
+            c.spool.segment_fill = v.clone();
         }
         if let Some(v) = self.spool_bytes_max {
             c.spool.spool_bytes_max = v;

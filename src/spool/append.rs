@@ -159,7 +159,7 @@ impl Appender {
 mod tests {
     use super::*;
     use crate::spool::fs::{FaultOp, FaultyStorage, RealStorage, Storage};
-    use crate::spool::segment::{SEGMENT_HEADER_LEN, create_segment};
+    use crate::spool::segment::{SEGMENT_HEADER_LEN, SegmentFill, create_segment};
 
     fn id(index: u64) -> SegmentId {
         SegmentId { writer: 0, index }
@@ -172,7 +172,15 @@ mod tests {
 
     fn appends_match_the_file(storage: &dyn Storage, direct: bool, capacity: u64) {
         let dir = tempfile::tempdir().unwrap();
-        let mut seg = create_segment(storage, dir.path(), id(1), capacity, true).unwrap();
+        let mut seg = create_segment(
+            storage,
+            dir.path(),
+            id(1),
+            capacity,
+            true,
+            SegmentFill::Zeros,
+        )
+        .unwrap();
         let header = std::fs::read(&seg.path).unwrap()[..64].to_vec();
         let mut a = Appender::new(direct);
         let mut expect = header.clone();
@@ -213,7 +221,15 @@ mod tests {
         // 100,000 is not a multiple of 4096: the last appends cannot pad.
         let dir = tempfile::tempdir().unwrap();
         let cap = 100_000u64;
-        let mut seg = create_segment(&RealStorage, dir.path(), id(2), cap, true).unwrap();
+        let mut seg = create_segment(
+            &RealStorage,
+            dir.path(),
+            id(2),
+            cap,
+            true,
+            SegmentFill::Zeros,
+        )
+        .unwrap();
         let mut a = Appender::new(true);
         let first = data(5, 90_000);
         a.append(&mut seg, &first).unwrap();
@@ -234,7 +250,15 @@ mod tests {
     fn a_new_appender_reads_the_tail_back_from_the_segment() {
         // As after a restart: the partial block's bytes come from the file.
         let dir = tempfile::tempdir().unwrap();
-        let mut seg = create_segment(&RealStorage, dir.path(), id(3), 1 << 20, true).unwrap();
+        let mut seg = create_segment(
+            &RealStorage,
+            dir.path(),
+            id(3),
+            1 << 20,
+            true,
+            SegmentFill::Zeros,
+        )
+        .unwrap();
         let one = data(1, 5000);
         Appender::new(true).append(&mut seg, &one).unwrap();
         let two = data(2, 300);
@@ -250,7 +274,8 @@ mod tests {
         let s = FaultyStorage::new();
         s.refuse_direct_io(true);
         let dir = tempfile::tempdir().unwrap();
-        let mut seg = create_segment(&s, dir.path(), id(4), 1 << 20, true).unwrap();
+        let mut seg =
+            create_segment(&s, dir.path(), id(4), 1 << 20, true, SegmentFill::Zeros).unwrap();
         let mut a = Appender::new(true);
         let d = data(3, 10_000);
         a.append(&mut seg, &d).unwrap();
@@ -268,7 +293,8 @@ mod tests {
     fn faulty_segment(index: u64) -> (FaultyStorage, tempfile::TempDir, OpenSegment, Appender) {
         let s = FaultyStorage::new();
         let dir = tempfile::tempdir().unwrap();
-        let seg = create_segment(&s, dir.path(), id(index), 1 << 20, true).unwrap();
+        let seg =
+            create_segment(&s, dir.path(), id(index), 1 << 20, true, SegmentFill::Zeros).unwrap();
         (s, dir, seg, Appender::new(true))
     }
 

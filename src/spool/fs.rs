@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
@@ -101,6 +102,13 @@ pub trait StorageFile: Send {
     /// direct writes (the file system refused `O_DIRECT`): write through the
     /// page cache instead.
     fn write_direct_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Allocates `[0, len)` without writing it (`fallocate`, mode 0): the
+    /// file is then `len` bytes long and reads as zeros; on ext4 and XFS the
+    /// blocks are *unwritten* extents, so a later write into them also
+    /// changes metadata, which its `sync_data` then writes too. Durable after
+    /// `sync_all`. `ErrorKind::Unsupported` where the file system has no
+    /// `fallocate`: write zeros instead.
+    fn allocate(&mut self, len: u64) -> io::Result<()>;
     /// Reads exactly `buf.len()` bytes at `offset`.
     fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// `fdatasync`: the data written so far, and the metadata needed to read it
@@ -164,6 +172,22 @@ impl StorageFile for RealFile {
             r => r,
         }
     }
+    fn allocate(&mut self, len: u64) -> io::Result<()> {
+        let len = libc::off_t::try_from(len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length past off_t"))?;
+        // SAFETY: fallocate on a descriptor this struct owns; no memory is
+        // passed.
+        if unsafe { libc::fallocate(self.file.as_raw_fd(), 0, 0, len) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+                Err(io::Error::new(io::ErrorKind::Unsupported, e))
+            }
+            _ => Err(e),
+        }
+    }
     fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
     }
@@ -196,7 +220,8 @@ impl Storage for RealStorage {
 /// Which operation a [`FaultyStorage`] fault hits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultOp {
-    /// `write_all_at` on any file (segment data and segment pre-zeroing).
+    /// `write_all_at` on any file (segment data and segment pre-zeroing),
+    /// and `allocate`.
     Write,
     /// `sync_data` / `sync_all` on any file.
     Sync,
@@ -213,6 +238,9 @@ struct FaultState {
     /// Direct writes answer `Unsupported`, as on a file system without
     /// `O_DIRECT`.
     refuse_direct: AtomicBool,
+    /// `allocate` answers `Unsupported`, as on a file system without
+    /// `fallocate`.
+    refuse_allocate: AtomicBool,
     /// Per file: byte ranges written since the last sync, and ranges a
     /// successful sync covered since they were last written.
     model: Mutex<Model>,
@@ -314,6 +342,12 @@ impl FaultyStorage {
         self.state.refuse_direct.store(refuse, Ordering::SeqCst);
     }
 
+    /// Makes `allocate` answer `Unsupported` (`true`), as a file system
+    /// without `fallocate` would, or work again (`false`).
+    pub fn refuse_allocate(&self, refuse: bool) {
+        self.state.refuse_allocate.store(refuse, Ordering::SeqCst);
+    }
+
     /// Ends every injected fault.
     pub fn clear(&self) {
         for i in 0..3 {
@@ -386,6 +420,21 @@ impl StorageFile for FaultyFile {
         let changed = self.changed_ranges(buf, offset);
         self.inner.write_direct_at(buf, offset)?;
         self.with_model(|m| m.written(offset, offset + buf.len() as u64, &changed));
+        Ok(())
+    }
+    fn allocate(&mut self, len: u64) -> io::Result<()> {
+        if self.storage.state.refuse_allocate.load(Ordering::SeqCst) {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "fallocate off"));
+        }
+        // A fault here is what ENOSPC at allocation looks like.
+        self.storage.check(FaultOp::Write)?;
+        let old = self.inner.file.metadata()?.len();
+        self.inner.allocate(len)?;
+        // As zeros written past the old end: they read back as zeros and are
+        // durable after the next sync (the bytes before keep their state).
+        if len > old {
+            self.with_model(|m| m.written(old, len, &[(old, len)]));
+        }
         Ok(())
     }
     fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {

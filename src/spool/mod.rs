@@ -98,6 +98,41 @@ use crate::envelope::{CommitOutcome, Message, QueueId};
 pub use recover::RecoveryReport;
 pub use stats::{SpoolStats, WriterStats};
 
+/// How writers make their next segment ready (`spool.segment_fill`; see
+/// [`segment::SegmentFill`] for what each costs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FillPolicy {
+    /// Zero-filled while batches are small; only allocated while a writer's
+    /// batches average [`writer::ALLOCATE_FROM_BATCH_BYTES`] or more (large
+    /// messages under load), where zero-filling would spend as much of the
+    /// disk's write bandwidth as the records themselves.
+    Auto,
+    /// Always zero-filled.
+    Zeros,
+    /// Always only allocated.
+    Allocate,
+}
+
+impl FillPolicy {
+    /// The configuration's spelling.
+    pub fn parse(s: &str) -> Option<FillPolicy> {
+        match s {
+            "auto" => Some(FillPolicy::Auto),
+            "zeros" => Some(FillPolicy::Zeros),
+            "allocate" => Some(FillPolicy::Allocate),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FillPolicy::Auto => "auto",
+            FillPolicy::Zeros => "zeros",
+            FillPolicy::Allocate => "allocate",
+        }
+    }
+}
+
 /// Spool settings. Every bound has its reason beside it.
 #[derive(Clone)]
 pub struct SpoolConfig {
@@ -143,6 +178,9 @@ pub struct SpoolConfig {
     /// buffered writes where the file system refuses it. Off: always
     /// buffered.
     pub direct_io: bool,
+    /// How new segments are made ready: zero-filled or only allocated
+    /// (`spool.segment_fill`).
+    pub segment_fill: FillPolicy,
     /// Accept a spool on tmpfs/ramfs (not durable: tests only).
     pub allow_tmpfs: bool,
     /// The file operations (tests inject faults here).
@@ -170,6 +208,7 @@ impl SpoolConfig {
             maintenance_interval: Duration::from_secs(1),
             segment_prepare_ahead: true,
             direct_io: true,
+            segment_fill: FillPolicy::Auto,
             allow_tmpfs: false,
             storage: Arc::new(fs::RealStorage),
         }

@@ -172,37 +172,66 @@ impl OpenSegment {
     }
 }
 
-/// A segment zero-filled and synced under its `.prep` name: complete, but not
+/// A segment made ready and synced under its `.prep` name: complete, but not
 /// yet visible to recovery, readers or followers.
 pub struct PreparedSegment {
     pub id: SegmentId,
     pub capacity: u64,
+    /// Its blocks were allocated, not zero-filled ([`SegmentFill::Allocate`]
+    /// and a file system with `fallocate`).
+    pub allocated: bool,
     prep: PathBuf,
     file: Box<dyn StorageFile>,
 }
 
-/// Steps 1-3 of making a segment: create `.prep`, zero-fill it to `capacity`,
-/// write the header, `fsync`. Slow (it writes `capacity` bytes), so writers
-/// run it ahead of need on another thread. `direct`: write the zeros past
-/// the page cache (`O_DIRECT`) where the file system allows it (the
-/// configuration's `spool.direct_io`); else, and for a last chunk that does
-/// not end on a block, through it. On error the `.prep` file is removed
-/// (best effort).
+/// How a new segment's blocks are made ready before any record goes in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SegmentFill {
+    /// Zeros written over the whole capacity: every block allocated *and
+    /// written*, so a record's write later changes no metadata and its
+    /// `fdatasync` flushes data only. Costs writing the capacity once more,
+    /// ahead of need on a helper thread: free while the disk has bandwidth
+    /// to spare, half of it when records alone could fill it.
+    Zeros,
+    /// `fallocate` only: the blocks are reserved (and read as zeros) but
+    /// unwritten, so nothing is written ahead; each record's write then
+    /// marks its blocks written, a metadata change its `fdatasync` writes
+    /// too. Falls back to [`SegmentFill::Zeros`] where the file system has no
+    /// `fallocate`.
+    Allocate,
+}
+
+/// Steps 1-3 of making a segment: create `.prep`, make its blocks ready to
+/// `capacity` (`fill`), write the header, `fsync`. With zeros it is slow (it
+/// writes `capacity` bytes), so writers run it ahead of need on another
+/// thread. `direct`: write the zeros past the page cache (`O_DIRECT`) where
+/// the file system allows it (the configuration's `spool.direct_io`); else,
+/// and for a last chunk that does not end on a block, through it. On error
+/// the `.prep` file is removed (best effort).
 pub fn prepare_segment(
     storage: &dyn Storage,
     dir: &Path,
     id: SegmentId,
     capacity: u64,
     direct: bool,
+    fill: SegmentFill,
 ) -> io::Result<PreparedSegment> {
     assert!(capacity > SEGMENT_HEADER_LEN);
     let prep = dir.join(id.prep_name());
     let result = (|| {
         let mut file = storage.create(&prep)?;
+        let allocated = match fill {
+            SegmentFill::Allocate => match file.allocate(capacity) {
+                Ok(()) => true,
+                Err(e) if e.kind() == io::ErrorKind::Unsupported => false,
+                Err(e) => return Err(e),
+            },
+            SegmentFill::Zeros => false,
+        };
         let mut zeros = AlignedBuf::new();
         zeros.get(ZERO_CHUNK_BYTES).fill(0);
         let mut direct = direct;
-        let mut at = 0u64;
+        let mut at = if allocated { capacity } else { 0 };
         while at < capacity {
             let n = (capacity - at).min(ZERO_CHUNK_BYTES as u64) as usize;
             let chunk = zeros.as_slice(n);
@@ -230,12 +259,13 @@ pub fn prepare_segment(
         file.write_all_at(&header.encode(), 0)?;
         // fsync, not fdatasync: the file size is metadata we rely on.
         file.sync_all()?;
-        Ok(file)
+        Ok((file, allocated))
     })();
     match result {
-        Ok(file) => Ok(PreparedSegment {
+        Ok((file, allocated)) => Ok(PreparedSegment {
             id,
             capacity,
+            allocated,
             prep,
             file,
         }),
@@ -277,17 +307,19 @@ pub fn discard_segment(storage: &dyn Storage, p: PreparedSegment) {
     let _ = storage.remove(&p.prep);
 }
 
-/// Creates segment `id` of `capacity` bytes in `dir`, zero-filled and synced,
-/// with its directory entry synced ([`prepare_segment`] then
-/// [`install_segment`]). On any error nothing under the final name exists.
+/// Creates segment `id` of `capacity` bytes in `dir`, its blocks made ready
+/// (`fill`) and synced, with its directory entry synced ([`prepare_segment`]
+/// then [`install_segment`]). On any error nothing under the final name
+/// exists.
 pub fn create_segment(
     storage: &dyn Storage,
     dir: &Path,
     id: SegmentId,
     capacity: u64,
     direct: bool,
+    fill: SegmentFill,
 ) -> io::Result<OpenSegment> {
-    let p = prepare_segment(storage, dir, id, capacity, direct)?;
+    let p = prepare_segment(storage, dir, id, capacity, direct, fill)?;
     install_segment(storage, dir, p)
 }
 
@@ -332,26 +364,103 @@ mod tests {
     #[test]
     fn segments_are_zeroed_full_size_direct_or_not_at_any_size() {
         let chunk = ZERO_CHUNK_BYTES as u64;
-        for direct in [true, false] {
-            // Below one chunk and not on a block; whole chunks; chunks, a
-            // block and a tail that is not one.
-            for capacity in [100_000, 3 * chunk, 2 * chunk + 4096 + 100] {
-                let dir = tempfile::tempdir().unwrap();
-                let id = SegmentId {
-                    writer: 0,
-                    index: 7,
-                };
-                let seg = create_segment(&RealStorage, dir.path(), id, capacity, direct).unwrap();
-                drop(seg);
-                let bytes = std::fs::read(dir.path().join(id.file_name())).unwrap();
-                assert_eq!(bytes.len() as u64, capacity, "direct {direct}");
-                assert_eq!(SegmentHeader::parse(&bytes).unwrap().capacity, capacity);
-                assert!(
-                    bytes[SEGMENT_HEADER_LEN as usize..].iter().all(|&b| b == 0),
-                    "direct {direct}, capacity {capacity}"
-                );
+        for fill in [SegmentFill::Zeros, SegmentFill::Allocate] {
+            for direct in [true, false] {
+                // Below one chunk and not on a block; whole chunks; chunks, a
+                // block and a tail that is not one.
+                for capacity in [100_000, 3 * chunk, 2 * chunk + 4096 + 100] {
+                    let dir = tempfile::tempdir().unwrap();
+                    let id = SegmentId {
+                        writer: 0,
+                        index: 7,
+                    };
+                    let seg = create_segment(&RealStorage, dir.path(), id, capacity, direct, fill)
+                        .unwrap();
+                    drop(seg);
+                    let bytes = std::fs::read(dir.path().join(id.file_name())).unwrap();
+                    assert_eq!(bytes.len() as u64, capacity, "{fill:?} direct {direct}");
+                    assert_eq!(SegmentHeader::parse(&bytes).unwrap().capacity, capacity);
+                    assert!(
+                        bytes[SEGMENT_HEADER_LEN as usize..].iter().all(|&b| b == 0),
+                        "{fill:?} direct {direct}, capacity {capacity}"
+                    );
+                }
             }
         }
+    }
+
+    /// Blocks of the file that hold data (not holes), from `stat`.
+    fn allocated_bytes(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn allocated_segments_reserve_their_blocks_without_writing_zeros() {
+        // On the real disk (tmpfs may not count fallocated blocks the same).
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+        let dir = tempfile::tempdir_in(root).unwrap();
+        let id = SegmentId {
+            writer: 0,
+            index: 1,
+        };
+        let capacity = 8 << 20;
+        let seg = create_segment(
+            &RealStorage,
+            dir.path(),
+            id,
+            capacity,
+            true,
+            SegmentFill::Allocate,
+        )
+        .unwrap();
+        drop(seg);
+        let path = dir.path().join(id.file_name());
+        // The space is reserved (ENOSPC comes at preparation, not at a
+        // record's write), whichever way the file system did it.
+        assert!(
+            allocated_bytes(&path) >= capacity,
+            "{}",
+            allocated_bytes(&path)
+        );
+    }
+
+    #[test]
+    fn without_fallocate_allocate_falls_back_to_durable_zeros() {
+        use crate::spool::fs::FaultyStorage;
+        let capacity = 2 * ZERO_CHUNK_BYTES as u64 + 12_345;
+        for refuse in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let s = FaultyStorage::new();
+            s.refuse_allocate(refuse);
+            let id = SegmentId {
+                writer: 1,
+                index: 2,
+            };
+            let p =
+                prepare_segment(&s, dir.path(), id, capacity, true, SegmentFill::Allocate).unwrap();
+            let prep = dir.path().join(id.prep_name());
+            assert!(s.is_durable(&prep, 0, capacity), "refused: {refuse}");
+            let bytes = std::fs::read(&prep).unwrap();
+            assert_eq!(bytes.len() as u64, capacity);
+            assert!(bytes[SEGMENT_HEADER_LEN as usize..].iter().all(|&b| b == 0));
+            discard_segment(&s, p);
+        }
+    }
+
+    #[test]
+    fn a_full_disk_at_allocation_leaves_no_prep_file() {
+        use crate::spool::fs::{FaultOp, FaultyStorage};
+        let dir = tempfile::tempdir().unwrap();
+        let s = FaultyStorage::new();
+        s.fail(FaultOp::Write, libc::ENOSPC, 1);
+        let id = SegmentId {
+            writer: 0,
+            index: 4,
+        };
+        let r = prepare_segment(&s, dir.path(), id, 1 << 20, true, SegmentFill::Allocate);
+        assert_eq!(r.err().and_then(|e| e.raw_os_error()), Some(libc::ENOSPC));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]
@@ -366,7 +475,8 @@ mod tests {
                 writer: 1,
                 index: 2,
             };
-            let p = prepare_segment(&s, dir.path(), id, capacity, true).unwrap();
+            let p =
+                prepare_segment(&s, dir.path(), id, capacity, true, SegmentFill::Zeros).unwrap();
             let prep = dir.path().join(id.prep_name());
             assert!(s.is_durable(&prep, 0, capacity), "refused: {refuse}");
             let bytes = std::fs::read(&prep).unwrap();
@@ -388,7 +498,7 @@ mod tests {
                 writer: 0,
                 index: 3,
             };
-            let r = prepare_segment(&s, dir.path(), id, 1 << 20, direct);
+            let r = prepare_segment(&s, dir.path(), id, 1 << 20, direct, SegmentFill::Zeros);
             assert_eq!(r.err().and_then(|e| e.raw_os_error()), Some(libc::EIO));
             assert!(!dir.path().join(id.prep_name()).exists());
         }
@@ -401,7 +511,15 @@ mod tests {
             writer: 0,
             index: 1,
         };
-        let seg = create_segment(&RealStorage, dir.path(), id, 100_000, true).unwrap();
+        let seg = create_segment(
+            &RealStorage,
+            dir.path(),
+            id,
+            100_000,
+            true,
+            SegmentFill::Zeros,
+        )
+        .unwrap();
         assert_eq!(seg.write_offset, SEGMENT_HEADER_LEN);
         let bytes = std::fs::read(dir.path().join(id.file_name())).unwrap();
         assert_eq!(bytes.len(), 100_000);

@@ -24,6 +24,9 @@ pub struct WriterStats {
     pub fsync_ns_max: AtomicU64,
     pub batch_messages_max: AtomicU64,
     pub segments_created: AtomicU64,
+    /// Of those, made by allocating their blocks instead of zero-filling
+    /// them (`spool.segment_fill`).
+    pub segments_allocated: AtomicU64,
     /// Watermark updates that failed (followers lag; nothing is lost).
     pub watermark_errors: AtomicU64,
     /// Waits for answered clients (`regroup.rs`) that reached their target,
@@ -78,6 +81,7 @@ pub struct SpoolStats {
     pub fsync_ns_max: u64,
     pub batch_messages_max: u64,
     pub segments_created: u64,
+    pub segments_allocated: u64,
     pub watermark_errors: u64,
     pub regroup_waits_hit: u64,
     pub regroup_waits_missed: u64,
@@ -103,6 +107,7 @@ impl SpoolStats {
             s.fsync_ns_max = s.fsync_ns_max.max(ld(&w.fsync_ns_max));
             s.batch_messages_max = s.batch_messages_max.max(ld(&w.batch_messages_max));
             s.segments_created += ld(&w.segments_created);
+            s.segments_allocated += ld(&w.segments_allocated);
             s.watermark_errors += ld(&w.watermark_errors);
             s.regroup_waits_hit += ld(&w.regroup_waits_hit);
             s.regroup_waits_missed += ld(&w.regroup_waits_missed);
@@ -143,6 +148,7 @@ impl SpoolStats {
         d.fsyncs -= earlier.fsyncs;
         d.fsync_ns_total -= earlier.fsync_ns_total;
         d.segments_created -= earlier.segments_created;
+        d.segments_allocated -= earlier.segments_allocated;
         d.regroup_waits_hit -= earlier.regroup_waits_hit;
         d.regroup_waits_missed -= earlier.regroup_waits_missed;
         for (a, b) in d.batch_histogram.iter_mut().zip(&earlier.batch_histogram) {
