@@ -726,6 +726,35 @@ mod tests {
     }
 
     #[test]
+    fn auto_fill_follows_the_mean_batch() {
+        assert_eq!(fill_for(FillPolicy::Auto, 0), SegmentFill::Zeros);
+        assert_eq!(
+            fill_for(FillPolicy::Auto, ALLOCATE_FROM_BATCH_BYTES - 1),
+            SegmentFill::Zeros
+        );
+        assert_eq!(
+            fill_for(FillPolicy::Auto, ALLOCATE_FROM_BATCH_BYTES),
+            SegmentFill::Allocate
+        );
+        assert_eq!(fill_for(FillPolicy::Zeros, u64::MAX), SegmentFill::Zeros);
+        assert_eq!(fill_for(FillPolicy::Allocate, 0), SegmentFill::Allocate);
+        // Steady 4 MiB batches pass the line within a few commits; one huge
+        // batch among small ones does not flip it for long.
+        let mut m = 0;
+        let mut commits = 0;
+        while m < ALLOCATE_FROM_BATCH_BYTES {
+            m = ewma8(m, 4 << 20);
+            commits += 1;
+        }
+        assert_eq!(commits, 1, "an eighth of 4 MiB is already 512 KiB");
+        let mut m = ewma8(16 << 10, 64 << 20);
+        for _ in 0..32 {
+            m = ewma8(m, 16 << 10);
+        }
+        assert!(m < ALLOCATE_FROM_BATCH_BYTES, "{m}");
+    }
+
+    #[test]
     fn full_disks_and_quotas_are_full_and_the_rest_io() {
         let full = io::Error::from_raw_os_error(libc::ENOSPC);
         assert!(
