@@ -97,6 +97,8 @@ fn json_report_on_a_real_disk() {
     assert_eq!(check(&r, "spool_dir")["status"], "ok");
     assert_ne!(check(&r, "spool_fs")["status"], "fail");
 
+    // ext4 under target/ takes fallocate (segments by allocation possible).
+    assert_eq!(r["fsync"]["fallocate"], true, "{}", r["fsync"]);
     let p = &r["fsync"]["parallel"];
     assert_eq!(p["streams"], 2, "{p}");
     for k in ["syncs_per_s", "median_us", "gain"] {

@@ -30,7 +30,7 @@ const WRITERS_MORE_ABOVE_US: f64 = 1_000.0;
 /// mean the device flushes in parallel; one that flushes one request at a
 /// time measures about 1.0-1.1 (bench/slow-sync's shim with
 /// `SLOW_SYNC_SERIAL=1`: 1.08), one that flushes in parallel near 2 (this
-/// project's virtio disk: 1.81-1.89; the shim without it: 1.99).
+/// project's virtio disk: 1.74-1.89; the shim without it: 1.99).
 const PARALLEL_GAIN_MIN: f64 = 1.3;
 /// Medians below this are NVMe-with-PLP class: a batch window can trade a
 /// little latency for fewer syncs when batches stay tiny.
@@ -240,6 +240,7 @@ mod tests {
             },
             overwrite: s,
             overwrite_direct: true,
+            fallocate: true,
         }
     }
 

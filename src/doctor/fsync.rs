@@ -20,6 +20,9 @@
 //!   not), which is what the `writers` advice needs and what no `/sys` flag
 //!   tells.
 //!
+//! It also tries `fallocate` once (1 MiB), which decides whether writers can
+//! make segments by allocation (`spool.segment_fill`).
+//!
 //! Must not: leave a file behind (a guard removes each on every path, panics
 //! included), or write more than [`ITERATIONS_MAX`] x 4 KiB per stream.
 
@@ -85,6 +88,10 @@ pub struct FsyncReport {
     pub overwrite_direct: bool,
     /// Several overwrite streams at once (what more writers would see).
     pub parallel: ParallelStats,
+    /// The file system takes `fallocate`, so writers can make segments by
+    /// allocation under large batches (`spool.segment_fill = "auto"`);
+    /// without it every segment is zero-filled.
+    pub fallocate: bool,
 }
 
 /// Removes the temporary file however the measurement ends.
@@ -263,6 +270,15 @@ pub fn measure(dir: &Path, total: Duration) -> io::Result<FsyncReport> {
     };
     let (overwrite, overwrite_direct) = overwrite_stream(dir, "overwrite", third, None)?;
     let parallel = parallel(dir, third, &overwrite)?;
+    let fallocate = {
+        let t = TempFile::create(dir, "fallocate")?;
+        let mut f = RealStorage.open(&t.path)?;
+        match f.allocate(1 << 20) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => false,
+            Err(e) => return Err(e),
+        }
+    };
 
     Ok(FsyncReport {
         dir: dir.to_path_buf(),
@@ -271,6 +287,7 @@ pub fn measure(dir: &Path, total: Duration) -> io::Result<FsyncReport> {
         overwrite,
         overwrite_direct,
         parallel,
+        fallocate,
     })
 }
 
@@ -311,8 +328,13 @@ pub fn check(r: &FsyncReport) -> Check {
         "page cache: O_DIRECT refused here"
     };
     let p = &r.parallel;
+    let fallocate = if r.fallocate {
+        "fallocate works (segments are allocated, not zero-filled, under large batches)"
+    } else {
+        "no fallocate here (every segment is zero-filled: large messages under load get about half the disk's write bandwidth)"
+    };
     let value = format!(
-        "overwrite (spool-like, {how}) {}; append {}; {} overwrite streams at once {:.0} syncs/s together, {:.2}x one stream's {:.0}",
+        "overwrite (spool-like, {how}) {}; append {}; {} overwrite streams at once {:.0} syncs/s together, {:.2}x one stream's {:.0}; {fallocate}",
         line(o),
         line(&r.append),
         p.streams,
@@ -365,6 +387,7 @@ mod tests {
         assert!(p.syncs_per_s > 0.0 && p.median_us > 0.0, "{p:?}");
         let want = p.syncs_per_s / r.overwrite.syncs_per_s;
         assert!((p.gain - want).abs() < 1e-9, "{p:?}");
+        assert!(r.fallocate, "ext4 under target/ takes fallocate");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }
