@@ -134,6 +134,13 @@ fn scraped_counters_match_what_clients_sent() {
             assert_eq!(m.get(k), Some(&v), "{k}");
         }
         assert!(m["lmtp_ingest_spool_bytes"] > bytes);
+        // Small batches: every segment so far zero-filled (the first, and
+        // the prepared spare once taken into use).
+        assert!(m["lmtp_ingest_segments_created_total{fill=\"zeros\"}"] >= 1.0);
+        assert_eq!(
+            m["lmtp_ingest_segments_created_total{fill=\"allocated\"}"],
+            0.0
+        );
         assert!(m["lmtp_ingest_fdatasync_seconds_count"] >= 1.0);
         assert_eq!(
             m["lmtp_ingest_batch_messages_count"],

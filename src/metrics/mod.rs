@@ -402,6 +402,25 @@ impl Registry {
             "lmtp_ingest_regroup_waits_total{{result=\"miss\"}} {missed}"
         );
 
+        let (mut created, mut allocated) = (0, 0);
+        for w in self.spool.writers() {
+            created += w.segments_created.load(Ordering::Relaxed);
+            allocated += w.segments_allocated.load(Ordering::Relaxed);
+        }
+        let _ = writeln!(
+            out,
+            "# HELP lmtp_ingest_segments_created_total Spool segments taken into use, by how they were made ready (spool.segment_fill): fill=\"zeros\" (zero-filled) or fill=\"allocated\" (fallocate only, under large batches).\n# TYPE lmtp_ingest_segments_created_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "lmtp_ingest_segments_created_total{{fill=\"zeros\"}} {}",
+            created - allocated
+        );
+        let _ = writeln!(
+            out,
+            "lmtp_ingest_segments_created_total{{fill=\"allocated\"}} {allocated}"
+        );
+
         let mut dot = HistogramSnapshot::default();
         for s in &self.shards {
             s.dot_to_reply_ns.add_to(&mut dot);
