@@ -23,10 +23,22 @@ fn commit(
     inflight: usize,
     per_producer: u32,
 ) -> (HashMap<QueueId, (u32, u32)>, SpoolStats) {
+    commit_with(dir, fill, true, body_len, inflight, per_producer)
+}
+
+fn commit_with(
+    dir: &std::path::Path,
+    fill: FillPolicy,
+    direct_io: bool,
+    body_len: usize,
+    inflight: usize,
+    per_producer: u32,
+) -> (HashMap<QueueId, (u32, u32)>, SpoolStats) {
     let mut cfg = config(dir);
     // Several segments per run, each holding a few batches.
     cfg.segment_bytes = 4 << 20;
     cfg.segment_fill = fill;
+    cfg.direct_io = direct_io;
     let (spool, _) = Spool::open(cfg).unwrap();
     let mut handles = Vec::new();
     for t in 0..4u32 {
@@ -110,6 +122,16 @@ fn forced_allocation_stores_and_recovers_every_message() {
     // writing into the last one.
     let (more, _) = commit(&dir, FillPolicy::Allocate, 20_000, 2, 50);
     acked.extend(more);
+    check_all_there(&dir, &acked, 20_000);
+
+    // Through the page cache: writeback, not the direct write, turns the
+    // blocks written, and the batch's fdatasync still covers it.
+    let dir = spool_dir("fill-allocate-buffered");
+    let (acked, stats) = commit_with(&dir, FillPolicy::Allocate, false, 20_000, 2, 100);
+    assert_eq!(
+        stats.segments_allocated, stats.segments_created,
+        "{stats:?}"
+    );
     check_all_there(&dir, &acked, 20_000);
 
     // Forced zeros: none allocated.
