@@ -222,7 +222,7 @@ impl Writer {
         if let Some(prev) = self.last_submitted {
             let gap = job.submitted_at.saturating_duration_since(prev).as_nanos() as u64;
             let ewma = self.gap_ewma_ns.min(u64::MAX / 2);
-            self.gap_ewma_ns = ewma - ewma / 8 + gap / 8;
+            self.gap_ewma_ns = ewma8(ewma, gap);
         }
         self.last_submitted = Some(job.submitted_at);
     }
