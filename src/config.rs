@@ -673,6 +673,23 @@ mod tests {
     }
 
     #[test]
+    fn segment_fill_is_checked_and_passed_on() {
+        let c = Config::from_toml("[spool]\nsegment_fill = \"allocate\"\n").unwrap();
+        c.check().unwrap();
+        assert_eq!(c.spool_config().segment_fill, FillPolicy::Allocate);
+        assert_eq!(
+            Config::default().spool_config().segment_fill,
+            FillPolicy::Auto
+        );
+        let c = Config::from_toml("[spool]\nsegment_fill = \"sparse\"\n").unwrap();
+        let e = c.check().unwrap_err().to_string();
+        assert!(
+            e.starts_with("spool.segment_fill:") && e.contains("\"zeros\""),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn listen_takes_one_address_or_a_list() {
         let c = Config::from_toml("[server]\nlisten = \"127.0.0.1:24\"\n").unwrap();
         assert_eq!(c.server.listen, ["127.0.0.1:24"]);
