@@ -16,7 +16,7 @@ use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::spool::MetricsSource;
+use crate::spool::{MetricsSource, WriterStats};
 
 /// Bucket capacity of a [`Histogram`] (bounds plus the `+Inf` bucket).
 const BUCKETS_MAX: usize = 24;
@@ -205,6 +205,14 @@ fn counter(out: &mut String, name: &str, help: &str, kind: &str, value: u64) {
     );
 }
 
+/// Writes a counter split by one label: one line per `(value, count)`.
+fn labelled_counter(out: &mut String, name: &str, help: &str, label: &str, lines: &[(&str, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (value, n) in lines {
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {n}");
+    }
+}
+
 /// Writes a histogram; dividing by `divisor` turns the bounds' unit into
 /// the exposed one (a division keeps `50000 / 1e9` printing as `0.00005`).
 fn histogram(
@@ -239,6 +247,13 @@ impl Registry {
             self.shards
                 .iter()
                 .map(|s| f(s).load(Ordering::Relaxed))
+                .sum()
+        };
+        let writers_sum = |f: fn(&WriterStats) -> &AtomicU64| -> u64 {
+            self.spool
+                .writers()
+                .iter()
+                .map(|w| f(w).load(Ordering::Relaxed))
                 .sum()
         };
         counter(
@@ -329,19 +344,15 @@ impl Registry {
             "gauge",
             sum(|s| &s.inflight_bytes),
         );
-        let _ = writeln!(
-            out,
-            "# HELP lmtp_ingest_shard_idle_polls_total Times a shard out of work polled for more before sleeping (server.idle_poll_us): result=\"hit\" (work came within the window), result=\"miss\" (it slept after all).\n# TYPE lmtp_ingest_shard_idle_polls_total counter"
-        );
-        let _ = writeln!(
-            out,
-            "lmtp_ingest_shard_idle_polls_total{{result=\"hit\"}} {}",
-            sum(|s| &s.idle_polls_hit)
-        );
-        let _ = writeln!(
-            out,
-            "lmtp_ingest_shard_idle_polls_total{{result=\"miss\"}} {}",
-            sum(|s| &s.idle_polls_missed)
+        labelled_counter(
+            &mut out,
+            "lmtp_ingest_shard_idle_polls_total",
+            "Times a shard out of work polled for more before sleeping (server.idle_poll_us): result=\"hit\" (work came within the window), result=\"miss\" (it slept after all).",
+            "result",
+            &[
+                ("hit", sum(|s| &s.idle_polls_hit)),
+                ("miss", sum(|s| &s.idle_polls_missed)),
+            ],
         );
         counter(
             &mut out,
@@ -384,41 +395,24 @@ impl Registry {
             }
         }
 
-        let (mut hit, mut missed) = (0, 0);
-        for w in self.spool.writers() {
-            hit += w.regroup_waits_hit.load(Ordering::Relaxed);
-            missed += w.regroup_waits_missed.load(Ordering::Relaxed);
-        }
-        let _ = writeln!(
-            out,
-            "# HELP lmtp_ingest_regroup_waits_total Times a spool writer with slow syncs waited for the clients its last commit answered (spool.batch_regroup): result=\"hit\" (they came within a quarter of a commit), result=\"miss\" (it committed without them).\n# TYPE lmtp_ingest_regroup_waits_total counter"
+        labelled_counter(
+            &mut out,
+            "lmtp_ingest_regroup_waits_total",
+            "Times a spool writer with slow syncs waited for the clients its last commit answered (spool.batch_regroup): result=\"hit\" (they came within a quarter of a commit), result=\"miss\" (it committed without them).",
+            "result",
+            &[
+                ("hit", writers_sum(|w| &w.regroup_waits_hit)),
+                ("miss", writers_sum(|w| &w.regroup_waits_missed)),
+            ],
         );
-        let _ = writeln!(
-            out,
-            "lmtp_ingest_regroup_waits_total{{result=\"hit\"}} {hit}"
-        );
-        let _ = writeln!(
-            out,
-            "lmtp_ingest_regroup_waits_total{{result=\"miss\"}} {missed}"
-        );
-
-        let (mut created, mut allocated) = (0, 0);
-        for w in self.spool.writers() {
-            created += w.segments_created.load(Ordering::Relaxed);
-            allocated += w.segments_allocated.load(Ordering::Relaxed);
-        }
-        let _ = writeln!(
-            out,
-            "# HELP lmtp_ingest_segments_created_total Spool segments taken into use, by how they were made ready (spool.segment_fill): fill=\"zeros\" (zero-filled) or fill=\"allocated\" (fallocate only, under large batches).\n# TYPE lmtp_ingest_segments_created_total counter"
-        );
-        let _ = writeln!(
-            out,
-            "lmtp_ingest_segments_created_total{{fill=\"zeros\"}} {}",
-            created - allocated
-        );
-        let _ = writeln!(
-            out,
-            "lmtp_ingest_segments_created_total{{fill=\"allocated\"}} {allocated}"
+        let created = writers_sum(|w| &w.segments_created);
+        let allocated = writers_sum(|w| &w.segments_allocated);
+        labelled_counter(
+            &mut out,
+            "lmtp_ingest_segments_created_total",
+            "Spool segments taken into use, by how they were made ready (spool.segment_fill): fill=\"zeros\" (zero-filled) or fill=\"allocated\" (fallocate only, under large batches).",
+            "fill",
+            &[("zeros", created - allocated), ("allocated", allocated)],
         );
 
         let mut dot = HistogramSnapshot::default();
