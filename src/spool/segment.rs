@@ -425,26 +425,40 @@ mod tests {
         );
     }
 
+    /// Prepares a segment through `s` (whose refusals the caller set) and
+    /// checks that it is all durable, reads as zeros past the header, and
+    /// that discarding it removes the `.prep` file.
+    fn prepared_segment_is_durable_zeros(
+        s: &crate::spool::fs::FaultyStorage,
+        fill: SegmentFill,
+        what: &str,
+    ) {
+        let capacity = 2 * ZERO_CHUNK_BYTES as u64 + 12_345;
+        let dir = tempfile::tempdir().unwrap();
+        let id = SegmentId {
+            writer: 1,
+            index: 2,
+        };
+        let p = prepare_segment(s, dir.path(), id, capacity, true, fill).unwrap();
+        let prep = dir.path().join(id.prep_name());
+        assert!(s.is_durable(&prep, 0, capacity), "{what}");
+        let bytes = std::fs::read(&prep).unwrap();
+        assert_eq!(bytes.len() as u64, capacity, "{what}");
+        assert!(
+            bytes[SEGMENT_HEADER_LEN as usize..].iter().all(|&b| b == 0),
+            "{what}"
+        );
+        discard_segment(s, p);
+        assert!(!prep.exists(), "{what}");
+    }
+
     #[test]
     fn without_fallocate_allocate_falls_back_to_durable_zeros() {
-        use crate::spool::fs::FaultyStorage;
-        let capacity = 2 * ZERO_CHUNK_BYTES as u64 + 12_345;
         for refuse in [false, true] {
-            let dir = tempfile::tempdir().unwrap();
-            let s = FaultyStorage::new();
+            let s = crate::spool::fs::FaultyStorage::new();
             s.refuse_allocate(refuse);
-            let id = SegmentId {
-                writer: 1,
-                index: 2,
-            };
-            let p =
-                prepare_segment(&s, dir.path(), id, capacity, true, SegmentFill::Allocate).unwrap();
-            let prep = dir.path().join(id.prep_name());
-            assert!(s.is_durable(&prep, 0, capacity), "refused: {refuse}");
-            let bytes = std::fs::read(&prep).unwrap();
-            assert_eq!(bytes.len() as u64, capacity);
-            assert!(bytes[SEGMENT_HEADER_LEN as usize..].iter().all(|&b| b == 0));
-            discard_segment(&s, p);
+            let what = format!("fallocate refused: {refuse}");
+            prepared_segment_is_durable_zeros(&s, SegmentFill::Allocate, &what);
         }
     }
 
@@ -465,25 +479,11 @@ mod tests {
 
     #[test]
     fn prepared_zeros_are_durable_with_or_without_direct_io() {
-        use crate::spool::fs::FaultyStorage;
-        let capacity = 2 * ZERO_CHUNK_BYTES as u64 + 12_345;
         for refuse in [false, true] {
-            let dir = tempfile::tempdir().unwrap();
-            let s = FaultyStorage::new();
+            let s = crate::spool::fs::FaultyStorage::new();
             s.refuse_direct_io(refuse);
-            let id = SegmentId {
-                writer: 1,
-                index: 2,
-            };
-            let p =
-                prepare_segment(&s, dir.path(), id, capacity, true, SegmentFill::Zeros).unwrap();
-            let prep = dir.path().join(id.prep_name());
-            assert!(s.is_durable(&prep, 0, capacity), "refused: {refuse}");
-            let bytes = std::fs::read(&prep).unwrap();
-            assert_eq!(bytes.len() as u64, capacity);
-            assert!(bytes[SEGMENT_HEADER_LEN as usize..].iter().all(|&b| b == 0));
-            discard_segment(&s, p);
-            assert!(!prep.exists());
+            let what = format!("O_DIRECT refused: {refuse}");
+            prepared_segment_is_durable_zeros(&s, SegmentFill::Zeros, &what);
         }
     }
 
