@@ -206,9 +206,12 @@ pub struct SpoolSection {
     /// buffered writes where the file system refuses it.
     pub direct_io: bool,
     /// How new segments are made ready: "auto" (zero-filled, or only
-    /// allocated while batches average 512 KiB or more), "zeros" or
-    /// "allocate".
+    /// allocated while batches average `allocate_from_batch_bytes` or
+    /// more), "zeros" or "allocate".
     pub segment_fill: String,
+    /// The mean batch, in bytes, from which "auto" allocates (default 512
+    /// KiB; `lmtp-ingest doctor` measures it for the spool's disk).
+    pub allocate_from_batch_bytes: u64,
     /// Accept a spool on tmpfs (not durable; for tests only).
     pub allow_tmpfs: bool,
 }
@@ -270,6 +273,7 @@ impl Default for SpoolSection {
             spool_bytes_max: 0,
             direct_io: s.direct_io,
             segment_fill: s.segment_fill.as_str().into(),
+            allocate_from_batch_bytes: s.allocate_from_batch_bytes,
             allow_tmpfs: false,
         }
     }
@@ -469,6 +473,16 @@ impl Config {
                 "use \"auto\" (default), \"zeros\" or \"allocate\"",
             ));
         }
+        if s.allocate_from_batch_bytes < 4096 {
+            return Err(bad(
+                "spool.allocate_from_batch_bytes",
+                format!(
+                    "{} bytes is less than one block: every batch would count as large",
+                    s.allocate_from_batch_bytes
+                ),
+                "use the value `lmtp-ingest doctor` advises (default 524288, 512 KiB), or segment_fill = \"allocate\" to allocate whatever the batches",
+            ));
+        }
         if s.batch_delay_us_max > 100_000 {
             return Err(bad(
                 "spool.batch_delay_us_max",
@@ -653,6 +667,7 @@ impl Config {
         c.direct_io = s.direct_io;
         // Checked by `check`; an unchecked bad value keeps the default.
         c.segment_fill = FillPolicy::parse(&s.segment_fill).unwrap_or(c.segment_fill);
+        c.allocate_from_batch_bytes = s.allocate_from_batch_bytes;
         c.allow_tmpfs = s.allow_tmpfs;
         c
     }
@@ -685,6 +700,27 @@ mod tests {
         let e = c.check().unwrap_err().to_string();
         assert!(
             e.starts_with("spool.segment_fill:") && e.contains("\"zeros\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn allocate_line_is_checked_and_passed_on() {
+        assert_eq!(
+            Config::default().spool_config().allocate_from_batch_bytes,
+            512 << 10
+        );
+        let c = Config::from_toml("[spool]\nallocate_from_batch_bytes = 262144\n").unwrap();
+        c.check().unwrap();
+        assert_eq!(c.spool_config().allocate_from_batch_bytes, 256 << 10);
+        // Past batch_bytes_max is allowed: a batch may end one large
+        // message past it.
+        let c = Config::from_toml("[spool]\nallocate_from_batch_bytes = 8388608\n").unwrap();
+        c.check().unwrap();
+        let c = Config::from_toml("[spool]\nallocate_from_batch_bytes = 100\n").unwrap();
+        let e = c.check().unwrap_err().to_string();
+        assert!(
+            e.starts_with("spool.allocate_from_batch_bytes:") && e.contains("doctor"),
             "{e}"
         );
     }

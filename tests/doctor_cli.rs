@@ -118,7 +118,39 @@ fn json_report_on_a_real_disk() {
         .iter()
         .map(|a| a["topic"].as_str().unwrap())
         .collect();
-    assert_eq!(topics, ["writers", "batch_window", "commit_ceiling"]);
+    assert_eq!(
+        topics,
+        ["writers", "batch_window", "commit_ceiling", "segment_fill"]
+    );
+    // Allocated against zero-filled segments at every batch size, and the
+    // advice quotes them.
+    let f = &r["fsync"]["fill"];
+    let sizes = f["sizes"].as_array().expect("fill sizes");
+    assert_eq!(sizes.len(), 4, "{f}");
+    for s in sizes {
+        for k in [
+            "overwrite_median_us",
+            "allocated_median_us",
+            "zeros_mb_s",
+            "allocated_mb_s",
+        ] {
+            assert!(s[k].as_f64().unwrap() > 0.0, "fill.{k}: {s}");
+        }
+    }
+    assert!(f["zero_fill_mb_s"].as_f64().unwrap() > 0.0, "{f}");
+    let fill = r["advice"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["topic"] == "segment_fill")
+        .unwrap();
+    assert!(
+        fill["text"]
+            .as_str()
+            .unwrap()
+            .contains("allocated over zero-filled 64 KiB"),
+        "{fill}"
+    );
     // The measurement's files are gone.
     assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
 }

@@ -19,7 +19,8 @@ use serde::Serialize;
 use crate::config::Config;
 
 use super::Check;
-use super::fsync::{BLOCK_BYTES, FsyncReport, ms};
+use super::fill;
+use super::fsync::{BLOCK_BYTES, FsyncReport, kib, ms};
 use super::spool::SpoolFound;
 
 /// Medians above this make a second writer worth having on a device that
@@ -41,7 +42,7 @@ const REGROUP_FROM_US: f64 = 400.0;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Advice {
-    /// `writers`, `batch_window` or `commit_ceiling`.
+    /// `writers`, `batch_window`, `commit_ceiling` or `segment_fill`.
     pub topic: String,
     pub text: String,
     /// The configuration line to use, when a change is advised.
@@ -207,7 +208,81 @@ pub fn derive(
         ),
         None,
     ));
+    out.push(segment_fill(config, f));
     (out, checks)
+}
+
+/// A measured break-even this far (in log2, a factor of about 2.8) from
+/// the configured line moves it. The sizes step by four and near the line
+/// the two ways cost the same, so a closer one would flip between runs (a
+/// journaled ext4 measured 512 KiB and 1 MiB in two runs); on this
+/// project's disk the measured 128 KiB against the default 512 KiB gave
+/// +7% for 16 lock-step sessions of 64 KiB messages and the same rate for
+/// batches of 190-260 KiB (docs/BENCHMARKS.md, "Tenth session").
+const FILL_LINE_MOVE_LOG2: f64 = 1.5;
+
+/// `spool.segment_fill` / `allocate_from_batch_bytes` from the measured
+/// allocated-against-zero-filled rates.
+fn segment_fill(config: &Config, f: &FsyncReport) -> Advice {
+    let s = &config.spool;
+    let configured = format!(
+        "configured: segment_fill = \"{}\", allocate_from_batch_bytes = {} ({})",
+        s.segment_fill,
+        s.allocate_from_batch_bytes,
+        kib(s.allocate_from_batch_bytes)
+    );
+    let Some(r) = &f.fill else {
+        let why = match &f.fill_error {
+            Some(e) => format!("not measured ({e}); keep the default"),
+            None => "zeros: this file system has no fallocate, so every segment is zero-filled whatever the setting".into(),
+        };
+        return advice("segment_fill", format!("{why} ({configured})"), None);
+    };
+    let forced = s.segment_fill != "auto";
+    match (r.break_even_log2, r.allocate_wins_from) {
+        (None, _) | (_, None) => advice(
+            "segment_fill",
+            format!(
+                "zeros: allocated segments stored batches slower than zero-filled ones at every size up to {} ({}), the zero-fill counted, so allocation never pays on this disk ({configured})",
+                kib(*fill::SIZES.last().expect("sizes") as u64),
+                measured(r)
+            ),
+            (s.segment_fill != "zeros").then(|| "segment_fill = \"zeros\"".to_string()),
+        ),
+        (Some(log2), Some(from)) => {
+            let cur = (s.allocate_from_batch_bytes as f64).log2();
+            let off = forced || (log2 - cur).abs() >= FILL_LINE_MOVE_LOG2;
+            let text = format!(
+                "auto, allocating from batches of about {}: there allocated segments start to store batches faster than zero-filled ones, the zero-fill counted ({}); smaller batches commit more cheaply into zeroed blocks (docs/BENCHMARKS.md, \"Ninth session\") ({configured})",
+                kib(from),
+                measured(r)
+            );
+            let line = match (off, forced) {
+                (false, _) => None,
+                (true, false) => Some(format!("allocate_from_batch_bytes = {from}")),
+                (true, true) => Some(format!(
+                    "segment_fill = \"auto\" and allocate_from_batch_bytes = {from}"
+                )),
+            };
+            advice("segment_fill", text, line)
+        }
+    }
+}
+
+/// The per-size rates, for the advice text.
+fn measured(r: &fill::FillReport) -> String {
+    let v: Vec<String> = r
+        .sizes
+        .iter()
+        .map(|s| {
+            format!(
+                "{}: {:.2}x",
+                kib(s.bytes as u64),
+                s.allocated_mb_s / s.zeros_mb_s
+            )
+        })
+        .collect();
+    format!("allocated over zero-filled {}", v.join(", "))
 }
 
 #[cfg(test)]
@@ -241,7 +316,105 @@ mod tests {
             overwrite: s,
             overwrite_direct: true,
             fallocate: true,
+            fill: Some(fill_report(&[0.6, 0.9, 1.1, 1.3])),
+            fill_error: None,
         }
+    }
+
+    /// A fill measurement where allocation stores `ratio[i]` times the
+    /// zero-filled rate at `fill::SIZES[i]`.
+    fn fill_report(ratio: &[f64]) -> fill::FillReport {
+        let log2 = fill::break_even_log2(&fill::SIZES, ratio);
+        let sizes = fill::SIZES
+            .iter()
+            .zip(ratio)
+            .map(|(&n, &r)| fill::FillSize {
+                bytes: n,
+                rounds: 10,
+                overwrite_median_us: 100.0,
+                allocated_median_us: 100.0 / r,
+                zeros_mb_s: 1000.0,
+                allocated_mb_s: 1000.0 * r,
+            })
+            .collect();
+        fill::FillReport {
+            zero_fill_mb_s: 2000.0,
+            direct: true,
+            sizes,
+            break_even_log2: log2,
+            allocate_wins_from: log2.map(fill::power_of_two),
+        }
+    }
+
+    fn fill_advice(config: &Config, f: &FsyncReport) -> Advice {
+        let (a, _) = derive(config, Some(f), &SpoolFound::default());
+        a.into_iter()
+            .find(|a| a.topic == "segment_fill")
+            .expect("segment_fill advice")
+    }
+
+    #[test]
+    fn segment_fill_follows_the_measured_break_even() {
+        let mut f = report(200.0);
+        let c = Config::default();
+        // Crossing at 512 KiB: the default line, nothing to change.
+        let a = fill_advice(&c, &f);
+        assert_eq!(a.config, None, "{}", a.text);
+        assert!(
+            a.text.contains("about 512 KiB") && a.text.contains("1 MiB: 1.10x"),
+            "{}",
+            a.text
+        );
+        // Winning from 64 KiB (XFS-like): a lower line.
+        f.fill = Some(fill_report(&[1.05, 1.3, 1.5, 1.6]));
+        let a = fill_advice(&c, &f);
+        assert_eq!(
+            a.config.as_deref(),
+            Some("allocate_from_batch_bytes = 65536")
+        );
+        // From 1 MiB (twice the default): too close to move the line, as
+        // two runs on one disk can differ that much.
+        f.fill = Some(fill_report(&[0.5, 0.7, 1.0, 1.2]));
+        let a = fill_advice(&c, &f);
+        assert_eq!(a.config, None, "{}", a.text);
+        assert!(a.text.contains("about 1 MiB"), "{}", a.text);
+        // From 4 MiB: a higher line.
+        f.fill = Some(fill_report(&[0.5, 0.7, 0.8, 1.0]));
+        let a = fill_advice(&c, &f);
+        assert_eq!(
+            a.config.as_deref(),
+            Some("allocate_from_batch_bytes = 4194304")
+        );
+        // Never winning: zeros.
+        f.fill = Some(fill_report(&[0.5, 0.7, 0.8, 0.9]));
+        let a = fill_advice(&c, &f);
+        assert_eq!(a.config.as_deref(), Some("segment_fill = \"zeros\""));
+        let z = Config::from_toml("[spool]\nsegment_fill = \"zeros\"\n").unwrap();
+        assert_eq!(fill_advice(&z, &f).config, None);
+        // A forced way, where auto would pick: back to auto.
+        f.fill = Some(fill_report(&[0.6, 0.9, 1.1, 1.3]));
+        let a = fill_advice(&z, &f);
+        assert_eq!(
+            a.config.as_deref(),
+            Some("segment_fill = \"auto\" and allocate_from_batch_bytes = 524288")
+        );
+        // No fallocate, or the measurement failed: no change, and why.
+        f.fill = None;
+        f.fallocate = false;
+        let a = fill_advice(&c, &f);
+        assert!(
+            a.config.is_none() && a.text.contains("no fallocate"),
+            "{}",
+            a.text
+        );
+        f.fallocate = true;
+        f.fill_error = Some("No space left on device".into());
+        let a = fill_advice(&c, &f);
+        assert!(
+            a.config.is_none() && a.text.contains("No space left"),
+            "{}",
+            a.text
+        );
     }
 
     #[test]

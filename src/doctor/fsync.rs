@@ -1,7 +1,7 @@
 //! A measured fdatasync latency on the spool's file system, in the spirit of
 //! PostgreSQL's `pg_test_fsync`.
 //!
-//! Three modes, each given a third of the time budget (and at most
+//! Three modes, each given a quarter of the time budget (and at most
 //! [`ITERATIONS_MAX`] rounds per stream), in temporary files in the spool
 //! directory:
 //! - `append`: write 4 KiB at the end of the file, then `fdatasync`. Each sync
@@ -21,7 +21,9 @@
 //!   tells.
 //!
 //! It also tries `fallocate` once (1 MiB), which decides whether writers can
-//! make segments by allocation (`spool.segment_fill`).
+//! make segments by allocation (`spool.segment_fill`), and where it can,
+//! spends the last quarter finding the batch size from which allocating
+//! segments beats zero-filling them ([`super::fill`]).
 //!
 //! Must not: leave a file behind (a guard removes each on every path, panics
 //! included), or write more than [`ITERATIONS_MAX`] x 4 KiB per stream.
@@ -37,6 +39,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::Check;
+use super::fill::{self, FillReport};
 use crate::spool::fs::{AlignedBuf, RealStorage, Storage};
 
 /// One write's size: a small message's record, and `pg_test_fsync`'s default.
@@ -92,16 +95,22 @@ pub struct FsyncReport {
     /// allocation under large batches (`spool.segment_fill = "auto"`);
     /// without it every segment is zero-filled.
     pub fallocate: bool,
+    /// Allocated against zero-filled segments by batch size (where
+    /// `fallocate` works and the measurement ran).
+    pub fill: Option<FillReport>,
+    /// Why `fill` is missing although `fallocate` works.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fill_error: Option<String>,
 }
 
 /// Removes the temporary file however the measurement ends.
-struct TempFile {
-    path: PathBuf,
+pub(super) struct TempFile {
+    pub(super) path: PathBuf,
     file: File,
 }
 
 impl TempFile {
-    fn create(dir: &Path, tag: &str) -> io::Result<TempFile> {
+    pub(super) fn create(dir: &Path, tag: &str) -> io::Result<TempFile> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
@@ -257,9 +266,10 @@ fn parallel(dir: &Path, budget: Duration, one_stream: &LatencyStats) -> io::Resu
     })
 }
 
-/// Measures the three modes in `dir`, `total` split between them.
+/// Measures the three modes and the segment fill in `dir`, `total` split
+/// between them.
 pub fn measure(dir: &Path, total: Duration) -> io::Result<FsyncReport> {
-    let third = total / 3;
+    let third = total / 4;
     let block = pattern();
 
     let append = {
@@ -279,6 +289,14 @@ pub fn measure(dir: &Path, total: Duration) -> io::Result<FsyncReport> {
             Err(e) => return Err(e),
         }
     };
+    let (fill, fill_error) = if fallocate {
+        match fill::measure(dir, third) {
+            Ok(r) => (Some(r), None),
+            Err(e) => (None, Some(e.to_string())),
+        }
+    } else {
+        (None, None)
+    };
 
     Ok(FsyncReport {
         dir: dir.to_path_buf(),
@@ -288,6 +306,8 @@ pub fn measure(dir: &Path, total: Duration) -> io::Result<FsyncReport> {
         overwrite_direct,
         parallel,
         fallocate,
+        fill,
+        fill_error,
     })
 }
 
@@ -312,6 +332,36 @@ fn line(s: &LatencyStats) -> String {
     )
 }
 
+/// Allocated against zero-filled segments, per batch size, in one phrase.
+fn fill_line(f: &FillReport) -> String {
+    let sizes: Vec<String> = f
+        .sizes
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {:.0} vs {:.0}",
+                kib(s.bytes as u64),
+                s.allocated_mb_s,
+                s.zeros_mb_s
+            )
+        })
+        .collect();
+    format!(
+        "batches stored into allocated vs zero-filled segments (MB/s, zero-fill of {:.0} MB/s counted): {}",
+        f.zero_fill_mb_s,
+        sizes.join(", ")
+    )
+}
+
+/// `bytes` as KiB or MiB.
+pub fn kib(bytes: u64) -> String {
+    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{} KiB", bytes >> 10)
+    }
+}
+
 /// Above this median a single sync stream limits commits for lock-step
 /// clients to a few hundred a second (spinning disks, busy cloud volumes).
 const SLOW_MEDIAN_US: f64 = 5_000.0;
@@ -328,10 +378,10 @@ pub fn check(r: &FsyncReport) -> Check {
         "page cache: O_DIRECT refused here"
     };
     let p = &r.parallel;
-    let fallocate = if r.fallocate {
-        "fallocate works (segments are allocated, not zero-filled, under large batches)"
-    } else {
-        "no fallocate here (every segment is zero-filled: large messages under load get about half the disk's write bandwidth)"
+    let fallocate = match (&r.fill, &r.fill_error) {
+        (Some(f), _) => format!("fallocate works; {}", fill_line(f)),
+        (None, Some(e)) => format!("fallocate works; allocated against zero-filled segments not measured: {e}"),
+        (None, None) => "no fallocate here (every segment is zero-filled: large messages under load get about half the disk's write bandwidth)".into(),
     };
     let value = format!(
         "overwrite (spool-like, {how}) {}; append {}; {} overwrite streams at once {:.0} syncs/s together, {:.2}x one stream's {:.0}; {fallocate}",
@@ -388,6 +438,12 @@ mod tests {
         let want = p.syncs_per_s / r.overwrite.syncs_per_s;
         assert!((p.gain - want).abs() < 1e-9, "{p:?}");
         assert!(r.fallocate, "ext4 under target/ takes fallocate");
+        let f = r
+            .fill
+            .as_ref()
+            .expect("the fill measured where fallocate works");
+        assert_eq!(f.sizes.len(), fill::SIZES.len());
+        assert!(r.fill_error.is_none());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

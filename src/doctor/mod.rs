@@ -5,8 +5,9 @@
 //! cgroup memory: read-only looks at `/proc` and `/sys`), [`spool`] (the spool
 //! directory, its file system, its free space), [`fsync`] (a measured
 //! fdatasync latency on the spool's file system, like `pg_test_fsync`),
-//! [`advice`] (writers, batch window and the commit ceiling derived from that
-//! measurement), [`render`] (aligned text for people; the JSON form is
+//! [`fill`] (allocated against zero-filled segments by batch size),
+//! [`advice`] (writers, batch window, the commit ceiling and the segment
+//! fill line derived from those measurements), [`render`] (aligned text for people; the JSON form is
 //! [`Report`]'s serde form).
 //!
 //! Every check has a status (`ok`, `warn`, `fail`), the measured value, and
@@ -14,14 +15,15 @@
 //! line. Exit status of the command: 0 all ok, 1 a warn or fail, 2 could not
 //! run.
 //!
-//! Must not: change the machine. The only thing written is the fsync
-//! measurement's temporary file in the spool directory (or, when that does
+//! Must not: change the machine. The only things written are the fsync
+//! and fill measurements' temporary files in the spool directory (or, when that does
 //! not exist yet, in its nearest existing parent), removed before returning.
 //! Doctor never takes the spool's lock and never reads its segments, so it
 //! can run beside a live server (whose I/O then shows in the measurement).
 
 pub mod advice;
 pub mod checks;
+pub mod fill;
 pub mod fsync;
 pub mod render;
 pub mod spool;

@@ -103,7 +103,8 @@ pub use stats::{SpoolStats, WriterStats};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FillPolicy {
     /// Zero-filled while batches are small; only allocated while a writer's
-    /// batches average [`writer::ALLOCATE_FROM_BATCH_BYTES`] or more (large
+    /// batches average `allocate_from_batch_bytes` or more (default
+    /// [`writer::ALLOCATE_FROM_BATCH_BYTES`]; large
     /// messages under load), where zero-filling would spend as much of the
     /// disk's write bandwidth as the records themselves.
     Auto,
@@ -181,6 +182,11 @@ pub struct SpoolConfig {
     /// How new segments are made ready: zero-filled or only allocated
     /// (`spool.segment_fill`).
     pub segment_fill: FillPolicy,
+    /// Under [`FillPolicy::Auto`], batches averaging this many bytes or more
+    /// make the next segment by allocation (`spool.allocate_from_batch_bytes`;
+    /// `lmtp-ingest doctor` measures where allocation starts to win on the
+    /// spool's own disk).
+    pub allocate_from_batch_bytes: u64,
     /// Accept a spool on tmpfs/ramfs (not durable: tests only).
     pub allow_tmpfs: bool,
     /// The file operations (tests inject faults here).
@@ -209,6 +215,7 @@ impl SpoolConfig {
             segment_prepare_ahead: true,
             direct_io: true,
             segment_fill: FillPolicy::Auto,
+            allocate_from_batch_bytes: writer::ALLOCATE_FROM_BATCH_BYTES,
             allow_tmpfs: false,
             storage: Arc::new(fs::RealStorage),
         }

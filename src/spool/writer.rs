@@ -60,8 +60,9 @@ fn classify(what: &str, e: &io::Error) -> Fail {
     }
 }
 
-/// Batches averaging this many bytes or more make the next segment by
-/// allocation, not zero-filling (`FillPolicy::Auto`). Measured with `fio` on
+/// The default of `spool.allocate_from_batch_bytes`: batches averaging this
+/// many bytes or more make the next segment by allocation, not zero-filling
+/// (`FillPolicy::Auto`). Measured with `fio` on
 /// this project's disk (docs/BENCHMARKS.md, "Ninth session"): a write plus
 /// `fdatasync` into unwritten blocks costs more than into zeroed ones (4 KiB:
 /// 5,527 against 8,118 a second; 1 MiB: 1,344 against 1,778 MB/s), but the
@@ -77,12 +78,13 @@ fn ewma8(mean: u64, x: u64) -> u64 {
     mean - mean / 8 + x / 8
 }
 
-/// How to make the next segment under `policy`, given the mean batch.
-fn fill_for(policy: FillPolicy, batch_bytes_mean: u64) -> SegmentFill {
+/// How to make the next segment under `policy`, given the mean batch and
+/// the line from which `Auto` allocates.
+fn fill_for(policy: FillPolicy, batch_bytes_mean: u64, allocate_from: u64) -> SegmentFill {
     match policy {
         FillPolicy::Zeros => SegmentFill::Zeros,
         FillPolicy::Allocate => SegmentFill::Allocate,
-        FillPolicy::Auto if batch_bytes_mean >= ALLOCATE_FROM_BATCH_BYTES => SegmentFill::Allocate,
+        FillPolicy::Auto if batch_bytes_mean >= allocate_from => SegmentFill::Allocate,
         FillPolicy::Auto => SegmentFill::Zeros,
     }
 }
@@ -637,7 +639,12 @@ impl Writer {
 
     /// How the next segment is made, from the policy and recent batches.
     fn next_fill(&self) -> SegmentFill {
-        fill_for(self.shared.config.segment_fill, self.batch_bytes_ewma)
+        let c = &self.shared.config;
+        fill_for(
+            c.segment_fill,
+            self.batch_bytes_ewma,
+            c.allocate_from_batch_bytes,
+        )
     }
 
     /// Counts a segment taken into use.
@@ -684,7 +691,7 @@ impl Writer {
         // A segment made for one large record is written by that record
         // alone: allocated, whatever the recent batches.
         let fill = if capacity > cfg.segment_bytes {
-            fill_for(cfg.segment_fill, u64::MAX)
+            fill_for(cfg.segment_fill, u64::MAX, cfg.allocate_from_batch_bytes)
         } else {
             self.next_fill()
         };
@@ -728,17 +735,33 @@ mod tests {
 
     #[test]
     fn auto_fill_follows_the_mean_batch() {
-        assert_eq!(fill_for(FillPolicy::Auto, 0), SegmentFill::Zeros);
+        let line = ALLOCATE_FROM_BATCH_BYTES;
+        assert_eq!(fill_for(FillPolicy::Auto, 0, line), SegmentFill::Zeros);
         assert_eq!(
-            fill_for(FillPolicy::Auto, ALLOCATE_FROM_BATCH_BYTES - 1),
+            fill_for(FillPolicy::Auto, line - 1, line),
             SegmentFill::Zeros
         );
         assert_eq!(
-            fill_for(FillPolicy::Auto, ALLOCATE_FROM_BATCH_BYTES),
+            fill_for(FillPolicy::Auto, line, line),
             SegmentFill::Allocate
         );
-        assert_eq!(fill_for(FillPolicy::Zeros, u64::MAX), SegmentFill::Zeros);
-        assert_eq!(fill_for(FillPolicy::Allocate, 0), SegmentFill::Allocate);
+        // The configured line, not the default, decides.
+        assert_eq!(
+            fill_for(FillPolicy::Auto, 200 << 10, 128 << 10),
+            SegmentFill::Allocate
+        );
+        assert_eq!(
+            fill_for(FillPolicy::Auto, 2 << 20, 4 << 20),
+            SegmentFill::Zeros
+        );
+        assert_eq!(
+            fill_for(FillPolicy::Zeros, u64::MAX, line),
+            SegmentFill::Zeros
+        );
+        assert_eq!(
+            fill_for(FillPolicy::Allocate, 0, line),
+            SegmentFill::Allocate
+        );
         // Steady 4 MiB batches pass the line within a few commits; one huge
         // batch among small ones does not flip it for long.
         let mut m = 0;
