@@ -35,6 +35,10 @@ use crate::spool::fs::{AlignedBuf, DIRECT_ALIGN, RealStorage, Storage, StorageFi
 pub const SIZES: [usize; 4] = [64 << 10, 256 << 10, 1 << 20, 4 << 20];
 /// Each file's size: writes stop (or wrap, in the zero-filled file) there.
 pub const REGION_BYTES: u64 = 32 << 20;
+/// Free space the measurement leaves untouched: it writes two files of
+/// [`REGION_BYTES`] at once, and doctor may run beside a live server whose
+/// spool shares the disk.
+pub const FREE_MIN_BYTES: u64 = 1 << 30;
 /// Rounds per size at least, whatever the time budget.
 const ROUNDS_MIN: usize = 3;
 /// The zero-fill's chunk, as a writer's segment preparation writes it.
@@ -122,9 +126,18 @@ pub fn power_of_two(log2: f64) -> u64 {
 }
 
 /// Measures in `dir` for about `budget`. Fails with the file system's error
-/// when `fallocate` or a write is refused (a full disk), and with
-/// `Unsupported` where there is no `fallocate`.
+/// when `fallocate` or a write is refused (a full disk), and without writing
+/// anything when less than [`FREE_MIN_BYTES`] plus its files are free.
 pub fn measure(dir: &Path, budget: Duration) -> io::Result<FillReport> {
+    let free = crate::spool::lock::free_bytes(dir)?;
+    if free < FREE_MIN_BYTES + 2 * REGION_BYTES {
+        return Err(io::Error::other(format!(
+            "skipped: {} MiB free, and it writes {} MiB while leaving {} MiB for the spool",
+            free >> 20,
+            (2 * REGION_BYTES) >> 20,
+            FREE_MIN_BYTES >> 20
+        )));
+    }
     let mut buf = AlignedBuf::new();
     let big = *SIZES.last().expect("sizes");
     for (i, b) in buf.get(big.max(ZERO_CHUNK)).iter_mut().enumerate() {
