@@ -136,6 +136,56 @@ fn a_client_leaving_mid_data_leaves_nothing_and_others_go_on() {
     }
 }
 
+/// The last data and the client's FIN arriving together (the epoll backend
+/// stops reading at a short read, trusting the next edge, except after a
+/// hang-up, which raises none): the message is stored, answered, and the
+/// connection closed, not left for the idle timeout.
+#[test]
+fn data_and_fin_together_are_answered_then_closed() {
+    use std::io::Write;
+    for io in backends() {
+        let mut server = Server::start(&format!("datafin-{io}"), io, &[]);
+        for n in 0..3u64 {
+            let mut stream = std::net::TcpStream::connect(server.addr()).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut c = Client::greet(stream.try_clone().unwrap()).unwrap();
+            let mut last = Vec::new();
+            if n == 0 {
+                // A command and the FIN: its reply, then the close.
+                last.extend_from_slice(b"LHLO t\r\n");
+            } else {
+                // The body, its dot and the FIN.
+                c.cmd("LHLO t", "250").unwrap();
+                c.send(b"MAIL FROM:<s@x.org>\r\nRCPT TO:<r@x.org>\r\nDATA\r\n")
+                    .unwrap();
+                for code in ["250", "250", "354"] {
+                    let r = c.reply().unwrap();
+                    assert!(r.starts_with(code), "{io}: {r}");
+                }
+                last.extend_from_slice(&body_for(n, 2000 * n as usize));
+                last.extend_from_slice(b".\r\n");
+            }
+            stream.write_all(&last).unwrap();
+            stream.shutdown(std::net::Shutdown::Write).unwrap();
+            let r = c.reply().unwrap();
+            assert!(r.starts_with("250 "), "{io}: {r}");
+            let t = std::time::Instant::now();
+            match c.reply() {
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+                other => panic!(
+                    "{io}: expected the server to close, got {other:?} after {:?}",
+                    t.elapsed()
+                ),
+            }
+        }
+        let v = verify(&server.spool);
+        assert_eq!(v["messages"], 2, "{io}: {v}");
+        assert!(server.stop().success());
+    }
+}
+
 #[test]
 fn shutdown_answers_an_idle_session_421_and_exits_0() {
     for io in backends() {

@@ -6,7 +6,11 @@
 //! shard core's.
 //!
 //! Per connection the loop keeps a `readable` flag (edge-triggered: set by an
-//! event, cleared when a read would block) and an output buffer. A connection
+//! event, cleared when a read would block, or when a read came back shorter
+//! than the buffer: the socket was then drained, and data arriving after it
+//! raises a new edge, so the extra `recv` that would only say `EAGAIN` is
+//! saved; not once the peer has hung up, since a FIN queued behind the data
+//! raises no edge of its own) and an output buffer. A connection
 //! is read only while the core wants it read: not while its message is with
 //! the spool, and not while the shard is over its in-flight memory bound.
 //! Reads go through one 64 KiB shard buffer; a connection gets at most
@@ -42,6 +46,9 @@ struct Sock {
     out: Vec<u8>,
     out_sent: usize,
     readable: bool,
+    /// An event said the peer hung up (or the socket failed): read until
+    /// `recv` says so, as no further edge will come.
+    hup: bool,
     eof: bool,
 }
 
@@ -173,6 +180,10 @@ impl Loop<'_> {
                     };
                     let in_mask =
                         (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+                    let hup_mask = (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+                    if flags & hup_mask != 0 {
+                        s.hup = true;
+                    }
                     if flags & in_mask != 0 && !s.readable {
                         s.readable = true;
                         self.readq.push_back(slot);
@@ -343,6 +354,7 @@ impl Loop<'_> {
             out: Vec::new(),
             out_sent: 0,
             readable: true,
+            hup: false,
             eof: false,
         });
         self.readq.push_back(slot);
@@ -409,7 +421,15 @@ impl Loop<'_> {
                 // kernel writes at most its length.
                 let n = unsafe { libc::recv(fd, self.buf.as_mut_ptr().cast(), self.buf.len(), 0) };
                 if n > 0 {
-                    self.core.input(now, slot, &self.buf[..n as usize]);
+                    let n = n as usize;
+                    self.core.input(now, slot, &self.buf[..n]);
+                    let s = self.socks[slot].as_mut().expect("live");
+                    if n < self.buf.len() && !s.hup {
+                        // Drained: the next data raises a new edge.
+                        s.readable = false;
+                        again = false;
+                        break;
+                    }
                     again = true;
                     continue;
                 }
