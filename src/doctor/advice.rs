@@ -121,7 +121,7 @@ pub fn derive(
     } else {
         (
             format!(
-                "1 is enough: at {} a sync one writer commits about {} batches/s, more than a few thousand messages/s even for lock-step clients; more writers add threads and segment streams, not commits ({streams} sync streams at once made {gain:.2}x one stream's syncs/s) (configured: {})",
+                "1 is enough: at {} a sync one writer commits about {} batches/s, more than a few thousand messages/s even for lock-step clients. This disk would take more syncs from a second writer ({streams} sync streams at once made {gain:.2}x one stream's syncs/s), but with syncs this short the messages waiting during one form the next batch anyway, and on this project's disk (0.1-0.2 ms syncs, flushed in parallel) a second writer measured 4-6% fewer messages/s at 64 connections (docs/BENCHMARKS.md, fifth, seventh and ninth sessions): it adds a thread and a segment stream, not throughput (configured: {})",
                 ms(t),
                 rate(syncs),
                 s.writers

@@ -284,7 +284,7 @@ fn network(connections_max: u64) -> Vec<Check> {
         Some(n) => v.push(Check::warn(
             "net.ipv4.tcp_max_syn_backlog",
             format!("{n}: half-open connections beyond this are dropped (or answered with syncookies) during a connect burst"),
-            format!("sysctl -w net.ipv4.tcp_max_syn_backlog={}", LISTEN_BACKLOG * 2),
+            format!("sysctl -w net.ipv4.tcp_max_syn_backlog={} (persist: tuning/sysctl.d/60-lmtp-ingest.conf)", LISTEN_BACKLOG * 2),
         )),
         None => {}
     }
@@ -328,7 +328,10 @@ fn file_max(connections_max: u64) -> Check {
         Some(n) => Check::warn(
             "fs.file-max",
             format!("{n}: the whole system's open files; the server alone needs {need}"),
-            format!("sysctl -w fs.file-max={}", (need * 4).max(1 << 20)),
+            format!(
+                "sysctl -w fs.file-max={} (persist: tuning/sysctl.d/60-lmtp-ingest.conf)",
+                (need * 4).max(1 << 20)
+            ),
         ),
         None => Check::ok("fs.file-max", "not readable; skipped"),
     }
