@@ -420,3 +420,54 @@ fn refusals_are_counted_by_code_and_fail_the_run_unless_allowed() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("421"));
     assert!(server.stop().success());
 }
+
+#[test]
+fn recipients_in_a_domain_the_server_accepts() {
+    let dir = test_dir("load-domain");
+    let conf = dir.join("lmtp.toml");
+    std::fs::write(
+        &conf,
+        "[policy]\nrecipients = \"domains\"\ndomains = [\"mx.test\"]\n",
+    )
+    .unwrap();
+    let mut server = Server::start_in(&dir, "epoll", &["--config", conf.to_str().unwrap()]);
+    let addr = server.addr();
+    let ok = load(&[
+        "--target",
+        &addr,
+        "--connections",
+        "2",
+        "--recipients",
+        "2",
+        "--rcpt-domain",
+        "MX.test",
+        "--messages",
+        "50",
+        "--json",
+    ]);
+    let v = json(&ok);
+    assert_eq!(v["messages"], 50, "{v}");
+    assert_eq!(v["recipients"], 100, "{v}");
+    // The default domain is refused at RCPT, and the run says what to do.
+    let refused = load(&[
+        "--target",
+        &addr,
+        "--connections",
+        "1",
+        "--pipelining",
+        "off",
+        "--messages",
+        "5",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&refused.stdout).unwrap();
+    assert_eq!(v["failures"]["550"].as_u64(), Some(5), "{v}");
+    assert_eq!(refused.status.code(), Some(1), "{v}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--rcpt-domain"), "{stderr}");
+    let bad = load(&["--target", &addr, "--rcpt-domain", "a b", "--messages", "1"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a domain"));
+    assert_eq!(verify(&server.spool)["messages"], 50);
+    assert!(server.stop().success());
+}

@@ -41,10 +41,15 @@ pub struct LoadArgs {
     /// --pipelining on, the whole transaction goes in one write.
     #[arg(long, value_enum, value_name = "on|off", default_value = "off")]
     chunking: OnOff,
-    /// Recipients per message, user0@example.com upwards (1 to 1000).
+    /// Recipients per message, user0@DOMAIN upwards (1 to 1000).
     #[arg(long, value_name = "N", default_value_t = 1)]
     recipients: usize,
-    /// Message size in bytes as stored, headers included (64 or more).
+    /// The recipients' domain: one the server accepts (its `policy.domains`,
+    /// or with user0@DOMAIN... in its recipient table).
+    #[arg(long, value_name = "DOMAIN", default_value = "example.com", value_parser = parse_domain)]
+    rcpt_domain: String,
+    /// Message size in bytes as stored, headers included (64 or more;
+    /// default 4096 unless --size-dist is given).
     #[arg(long, value_name = "BYTES", conflicts_with = "size_dist")]
     size: Option<usize>,
     /// A mix of sizes: SIZE:WEIGHT,... e.g. "4096:70,65536:30".
@@ -113,6 +118,16 @@ fn parse_size_dist(s: &str) -> Result<SizeDist, String> {
         .map(SizeDist)
 }
 
+fn parse_domain(s: &str) -> Result<String, String> {
+    if lmtp_ingest::load::message::valid_domain(s) {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "'{s}' is not a domain: give dot-separated labels of letters, digits and hyphens, e.g. example.com"
+        ))
+    }
+}
+
 impl LoadArgs {
     fn config(&self) -> LoadConfig {
         let mut c = LoadConfig::new(self.target.clone());
@@ -121,6 +136,7 @@ impl LoadArgs {
         c.pipelining = self.pipelining == OnOff::On;
         c.chunking = self.chunking == OnOff::On;
         c.recipients = self.recipients;
+        c.rcpt_domain = self.rcpt_domain.clone();
         c.sizes = match (&self.size_dist, self.size) {
             (Some(d), _) => d.0.clone(),
             (None, Some(s)) => vec![(s, 1)],
@@ -292,7 +308,15 @@ fn verdict(reports: &[&LoadReport], allow_failures: bool) -> Outcome {
     let failed: u64 = reports.iter().map(|r| r.messages_failed).sum();
     if errors > 0 {
         eprintln!(
-            "lmtp-ingest load: {errors} protocol error(s): the server broke LMTP (details above); exit 1"
+            "lmtp-ingest load: {errors} protocol error(s): replies that break LMTP, or connections lost mid-transaction (examples in the report: \"protocol errors\" in text, \"protocol_error_examples\" in JSON); exit 1"
+        );
+    }
+    if reports
+        .iter()
+        .any(|r| r.failures.iter().any(|&(code, _)| code == 550))
+    {
+        eprintln!(
+            "lmtp-ingest load: hint: 550 is the server refusing recipients (user0@DOMAIN upwards); pass --rcpt-domain with a domain it accepts, or list those addresses in its recipient table"
         );
     }
     if failed > 0 && !allow_failures {

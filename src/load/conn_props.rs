@@ -200,7 +200,7 @@ proptest! {
     #[test]
     fn every_recipient_is_counted_once_in_every_style((pipelining, chunking, plans, cuts) in case()) {
         let n = plans[0].rcpts.len();
-        let templates = Arc::new(Templates::new(&[(100, 1)], n));
+        let templates = Arc::new(Templates::new(&[(100, 1)], n, super::message::RCPT_DOMAIN));
         let mut now = Instant::now();
         let mut c = ClientConn::new(templates, Style { pipelining, chunking }, now);
         let mut tally = Tally::default();

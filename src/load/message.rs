@@ -18,9 +18,27 @@ const HEADERS: &[u8] = b"From: <load@example.com>\r\nSubject: lmtp-ingest load\r
 /// Smallest size `--size` accepts: the headers plus a short line.
 pub const SIZE_MIN: usize = 64;
 
-/// Recipient `i`'s address.
-pub fn recipient(i: usize) -> String {
-    format!("user{i}@example.com")
+/// The recipients' domain unless `--rcpt-domain` says otherwise.
+pub const RCPT_DOMAIN: &str = "example.com";
+
+/// Recipient `i`'s address in `domain`.
+pub fn recipient(i: usize, domain: &str) -> String {
+    format!("user{i}@{domain}")
+}
+
+/// Whether `d` can stand after the `@` of the generated recipients: a dot
+/// atom of letters, digits, hyphens and dots, as a recipient table or
+/// domain list would name it.
+pub fn valid_domain(d: &str) -> bool {
+    !d.is_empty()
+        && d.len() <= 253
+        && d.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 /// One message size's bytes.
@@ -64,9 +82,10 @@ pub struct Templates {
 }
 
 impl Templates {
-    /// `sizes`: (bytes, weight) pairs, weights > 0.
-    pub fn new(sizes: &[(usize, u32)], recipients: usize) -> Templates {
-        let rcpts: Vec<String> = (0..recipients).map(recipient).collect();
+    /// `sizes`: (bytes, weight) pairs, weights > 0; recipients
+    /// `user0@domain` upwards.
+    pub fn new(sizes: &[(usize, u32)], recipients: usize, domain: &str) -> Templates {
+        let rcpts: Vec<String> = (0..recipients).map(|i| recipient(i, domain)).collect();
         let mut cumulative = Vec::with_capacity(sizes.len());
         let mut total = 0u32;
         let sizes = sizes
@@ -180,14 +199,14 @@ mod tests {
     fn stuffing_doubles_leading_dots_and_terminates() {
         let w = stuff(b"a\r\n.b\r\n..\r\n");
         assert_eq!(w, b"a\r\n..b\r\n...\r\n.\r\n");
-        let body = &Templates::new(&[(4096, 1)], 1).sizes[0].body;
+        let body = &Templates::new(&[(4096, 1)], 1, RCPT_DOMAIN).sizes[0].body;
         assert!(body.windows(3).any(|w| w == b"\n.."));
         assert!(body.ends_with(b"\r\n.\r\n"));
     }
 
     #[test]
     fn envelope_commands_split_exactly() {
-        let t = Templates::new(&[(4096, 1)], 2);
+        let t = Templates::new(&[(4096, 1)], 2, RCPT_DOMAIN);
         let s = &t.sizes[0];
         assert_eq!(s.command(0), b"MAIL FROM:<load@example.com> SIZE=4096\r\n");
         assert_eq!(s.command(1), b"RCPT TO:<user0@example.com>\r\n");
@@ -199,7 +218,7 @@ mod tests {
 
     #[test]
     fn the_chunk_is_the_content_unstuffed_with_its_exact_length() {
-        let s = &Templates::new(&[(4096, 1)], 1).sizes[0];
+        let s = &Templates::new(&[(4096, 1)], 1, RCPT_DOMAIN).sizes[0];
         let head = b"BDAT 4096 LAST\r\n";
         assert!(s.bdat.starts_with(head));
         assert_eq!(&s.bdat[head.len()..], &content(4096)[..]);
@@ -208,9 +227,25 @@ mod tests {
 
     #[test]
     fn pick_follows_the_weights() {
-        let t = Templates::new(&[(100, 70), (200, 30)], 1);
+        let t = Templates::new(&[(100, 70), (200, 30)], 1, RCPT_DOMAIN);
         let picks: Vec<usize> = (0..100).map(|r| t.pick(r)).collect();
         assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 70);
         assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 30);
+    }
+
+    #[test]
+    fn recipients_take_the_domain_given() {
+        let t = Templates::new(&[(4096, 1)], 2, "mx.example.net");
+        assert_eq!(
+            t.recipients,
+            ["user0@mx.example.net", "user1@mx.example.net"]
+        );
+        assert_eq!(t.sizes[0].command(2), b"RCPT TO:<user1@mx.example.net>\r\n");
+        for ok in ["example.com", "a-b.c0", "localhost"] {
+            assert!(valid_domain(ok), "{ok}");
+        }
+        for bad in ["", "a..b", "a b", "x@y", "<x>", ".x", "x."] {
+            assert!(!valid_domain(bad), "{bad}");
+        }
     }
 }

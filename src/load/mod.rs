@@ -84,6 +84,8 @@ pub struct LoadConfig {
     /// `BDAT n LAST` instead of `DATA` (the server must offer CHUNKING).
     pub chunking: bool,
     pub recipients: usize,
+    /// The recipients are `user0@rcpt_domain` upwards.
+    pub rcpt_domain: String,
     /// (message bytes, weight).
     pub sizes: Vec<(usize, u32)>,
     pub messages: Option<u64>,
@@ -104,6 +106,7 @@ impl LoadConfig {
             pipelining: true,
             chunking: false,
             recipients: 1,
+            rcpt_domain: message::RCPT_DOMAIN.to_string(),
             sizes: vec![(4096, 1)],
             messages: None,
             duration: None,
@@ -214,7 +217,7 @@ pub fn run(cfg: &LoadConfig, on_tick: &mut dyn FnMut(u64, Duration)) -> Result<L
             cfg.connections + 64
         ));
     }
-    let templates = Arc::new(Templates::new(&cfg.sizes, cfg.recipients));
+    let templates = Arc::new(Templates::new(&cfg.sizes, cfg.recipients, &cfg.rcpt_domain));
     let mut fds = Vec::with_capacity(cfg.connections);
     for i in 0..cfg.connections {
         let fd = driver::connect(&cfg.target).map_err(|e| {
