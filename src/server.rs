@@ -222,11 +222,23 @@ pub fn start(config: &Config) -> Result<Running, String> {
 
     let spool_started = Instant::now();
     let (spool, report) = Spool::open(config.spool_config()).map_err(|e| e.to_string())?;
-    tracing::info!(
-        dir = %config.spool.dir.display(),
-        took_ms = spool_started.elapsed().as_millis() as u64,
-        "spool open: {report}"
-    );
+    let took_ms = spool_started.elapsed().as_millis() as u64;
+    let dir = config.spool.dir.display();
+    if report.damage() {
+        tracing::error!(
+            %dir,
+            took_ms,
+            "spool open: {report}: records that fail their checks lie below the committed watermark, before sound records, or in a segment header: damage on the disk, not a torn write, so the cut bytes may hold mail that was acknowledged; fix: check the disk (dmesg, smartctl), keep the files in {dir}/cut/ for the consumers' owners, and see docs/DURABILITY.md (\"Damage\")"
+        );
+    } else if !report.cut.is_empty() {
+        tracing::warn!(
+            %dir,
+            took_ms,
+            "spool open: {report}: a torn write from a crash or a failed batch, never acknowledged"
+        );
+    } else {
+        tracing::info!(%dir, took_ms, "spool open: {report}");
+    }
     let unix_perms = listen::UnixPerms {
         mode: checked.unix_socket_mode,
         uid: Some(&config.server.unix_socket_owner)

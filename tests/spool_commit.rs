@@ -109,6 +109,53 @@ fn ids_are_unique_and_increase_per_writer_across_restarts() {
 }
 
 #[test]
+fn a_bad_record_below_the_committed_watermark_is_reported_as_damage() {
+    let dir = spool_dir("damage");
+    let cfg = config(&dir);
+    let (spool, _) = Spool::open(cfg.clone()).unwrap();
+    let mut p = spool.producer(None);
+    for n in 0..5 {
+        let CommitOutcome::Committed(_) = p.commit(message(7, 0, n, 3000)) else {
+            panic!()
+        };
+    }
+    spool.shutdown();
+    // One bit flips in the third record's body, on the disk, after its
+    // batch was synced and answered.
+    let (records, scans) = reader::read_all(&dir).unwrap();
+    let third = &records[2];
+    let (info, _) = &scans[0];
+    let at = third.offset + third.padded_len / 2;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&info.path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, at).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[b[0] ^ 0x10], at).unwrap();
+    drop(f);
+
+    let (spool, report) = Spool::open(cfg).unwrap();
+    spool.shutdown();
+    assert_eq!(report.records, 2, "{report}");
+    assert_eq!(report.cut.len(), 1, "{report}");
+    let c = &report.cut[0];
+    assert_eq!(c.offset, third.offset);
+    assert_eq!(c.valid_after, 2, "{report}");
+    assert!(c.below_committed, "{report}");
+    assert!(report.damage(), "{report}");
+    let text = report.to_string();
+    assert!(
+        text.contains("below the committed watermark") && text.contains("saved to"),
+        "{text}"
+    );
+    // Nothing is destroyed: the cut bytes, the damaged record first, are kept.
+    let saved = std::fs::read(c.saved_to.as_ref().unwrap()).unwrap();
+    assert_eq!(saved.len() as u64, c.bytes);
+}
+
+#[test]
 fn torn_tail_is_cut_and_writing_continues_after_it() {
     let dir = spool_dir("torn");
     let cfg = config(&dir);
@@ -144,6 +191,8 @@ fn torn_tail_is_cut_and_writing_continues_after_it() {
     assert!(report.cut[0].bytes >= half.len() as u64);
     let saved = report.cut[0].saved_to.clone().unwrap();
     assert_eq!(&std::fs::read(saved).unwrap()[..half.len()], half);
+    assert!(!report.cut[0].below_committed, "a torn write: {report}");
+    assert!(!report.damage(), "{report}");
     let mut p = spool.producer(None);
     let CommitOutcome::Committed(id6) = p.commit(message(7, 0, 5, 3000)) else {
         panic!()

@@ -47,6 +47,8 @@ fn child(dir: &str, cycle: u64) {
     {
         let mut o = out.lock().unwrap();
         // The leading newline ends libtest's "test ... " line.
+        // A kill -9 leaves torn writes at most, never damage.
+        assert!(!report.damage(), "kill -9 taken for damage: {report}");
         writeln!(o, "\nRECOVERED {} {}", report.records, report.cut.len()).unwrap();
         o.flush().unwrap();
     }
@@ -169,6 +171,7 @@ fn kill_9_at_random_moments_loses_no_acknowledged_message() {
     }
     let (spool, report) = Spool::open(config(&dir)).unwrap();
     drop(spool);
+    assert!(!report.damage(), "kill -9 taken for damage: {report}");
     cuts += report.cut.len();
     let (records, scans) = reader::read_all(&dir).unwrap();
     for (info, scan) in &scans {

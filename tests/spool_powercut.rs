@@ -269,6 +269,13 @@ fn power_cuts_with(name: &str, prepare_ahead: bool, fill: FillPolicy, direct_io:
         let sdir = m.join("spool");
         let (spool, report) = Spool::open(config(&sdir)).unwrap();
         drop(spool);
+        // A real power cut leaves torn writes only, but this copy is not
+        // instantaneous (see the top), so a block written while it ran can
+        // show damage no power cut makes (a segment renamed before its
+        // header was copied): reported, not asserted.
+        if report.damage() {
+            eprintln!("power cut {k}: the copy shows damage: {report}");
+        }
         let (records, scans) = reader::read_all(&sdir).unwrap();
         for (info, scan) in &scans {
             assert!(

@@ -9,6 +9,17 @@
 //! Recovery copies the cut bytes to `DIR/cut/` (for inspection; nothing is
 //! destroyed), then zeros them in place and syncs, so readers see a clean end.
 //!
+//! A cut is not always a torn write. When the first bad record lies below the
+//! committed watermark the last run left in the same segment (`watermark.rs`:
+//! written only after a sync returned, so never ahead of the data; never
+//! synced, so after a power cut it may lag, which only hides damage), the cut
+//! bytes had been synced and their mail acknowledged: damage on the disk. The
+//! report says so ([`RecoveryReport::damage`]) and the server logs it as an
+//! error. Sound records after a bad one prove nothing on their own: a torn
+//! batch whose pages reached the disk out of order looks the same. An older
+//! segment's tail can be a batch whose write failed, so only the segment the
+//! watermark is in is judged.
+//!
 //! Must not: accept any record that fails its checks, or touch a segment whose
 //! header is damaged (reported, left as it is, skipped by the writers).
 
@@ -41,6 +52,12 @@ impl RecoveryReport {
     pub fn cut_bytes(&self) -> u64 {
         self.cut.iter().map(|c| c.bytes).sum()
     }
+
+    /// Whether recovery found damage rather than only torn writes: a cut
+    /// below the committed watermark, or a damaged segment header.
+    pub fn damage(&self) -> bool {
+        !self.damaged_segments.is_empty() || self.cut.iter().any(|c| c.below_committed)
+    }
 }
 
 impl std::fmt::Display for RecoveryReport {
@@ -64,6 +81,12 @@ impl std::fmt::Display for RecoveryReport {
                     String::new()
                 }
             )?;
+            if c.below_committed {
+                write!(f, ", below the committed watermark")?;
+            }
+            if let Some(p) = &c.saved_to {
+                write!(f, ", saved to {}", p.display())?;
+            }
         }
         for d in &self.damaged_segments {
             write!(f, "; damaged segment header: {d}")?;
@@ -84,6 +107,10 @@ pub struct CutTail {
     pub valid_after: u64,
     /// Where the cut bytes were saved.
     pub saved_to: Option<PathBuf>,
+    /// The cut starts below the committed watermark the last run left:
+    /// those bytes had been synced (and their mail acknowledged), so this
+    /// is damage, not a torn write.
+    pub below_committed: bool,
 }
 
 /// Where one writer stream stands after recovery.
@@ -130,6 +157,9 @@ pub(crate) fn recover(dir: &Path, storage: &dyn Storage) -> Result<Recovered, Sp
     }
 
     let segments = reader::list_segments(dir).map_err(io(format!("list {}", dir.display())))?;
+    // What the last run had synced, per writer (read before it is rewritten
+    // below; unreadable or absent: nothing known).
+    let mut committed: BTreeMap<u16, Option<Watermark>> = BTreeMap::new();
     let mut spool_bytes = 0;
     for info in segments {
         report.segments += 1;
@@ -166,6 +196,15 @@ pub(crate) fn recover(dir: &Path, storage: &dyn Storage) -> Result<Recovered, Sp
         report.record_bytes += scan.record_bytes;
         if let Some((offset, err)) = &scan.invalid {
             let bytes = scan.nonzero_end.saturating_sub(*offset);
+            let was = *committed
+                .entry(info.id.writer)
+                .or_insert_with(|| watermark::read(dir, info.id.writer).ok().flatten());
+            let at = Watermark {
+                segment: info.id.index,
+                offset: *offset,
+            };
+            let below_committed =
+                was.is_some_and(|w| w.segment == at.segment && at.offset < w.offset);
             let saved_to = save_cut(dir, storage, &info, *offset, bytes)?;
             zero_range(storage, &info.path, *offset, bytes)?;
             report.cut.push(CutTail {
@@ -175,6 +214,7 @@ pub(crate) fn recover(dir: &Path, storage: &dyn Storage) -> Result<Recovered, Sp
                 reason: err.to_string(),
                 valid_after: scan.valid_after_invalid,
                 saved_to,
+                below_committed,
             });
         }
         stream.last = Some((info.clone(), scan.end, header));
