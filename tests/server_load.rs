@@ -137,6 +137,15 @@ fn kill_9_under_load_loses_no_acknowledged_message() {
                         .iter()
                         .any(|l| l.contains("spool open: recovered"))
                 );
+                // A kill -9 leaves torn writes at most: never logged as damage.
+                assert!(
+                    !server
+                        .log_lines
+                        .iter()
+                        .any(|l| l.contains("spool open") && l.contains("ERROR")),
+                    "{:?}",
+                    server.log_lines
+                );
             }
             let stop = Arc::new(AtomicBool::new(false));
             let before = acked.lock().unwrap().len();
