@@ -228,7 +228,7 @@ pub fn start(config: &Config) -> Result<Running, String> {
         tracing::error!(
             %dir,
             took_ms,
-            "spool open: {report}: records that fail their checks lie below the committed watermark, before sound records, or in a segment header: damage on the disk, not a torn write, so the cut bytes may hold mail that was acknowledged; fix: check the disk (dmesg, smartctl), keep the files in {dir}/cut/ for the consumers' owners, and see docs/DURABILITY.md (\"Damage\")"
+            "spool open: {report}: records that fail their checks lie below the committed watermark (bytes that had been synced) or in a segment header: damage on the disk, not a torn write, so the cut bytes may hold mail that was acknowledged; fix: check the disk (dmesg, smartctl), keep the files in {dir}/cut/ for the consumers' owners, and see docs/DURABILITY.md (\"Damage\")"
         );
     } else if !report.cut.is_empty() {
         tracing::warn!(
