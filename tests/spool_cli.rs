@@ -281,9 +281,25 @@ fn export_mbox_quotes_from_lines_and_eml_keeps_crlf() {
     );
     assert!(o.status.success());
     let files = tree(&to);
-    assert_eq!(files.len(), 3);
+    // Three mailboxes, each with its list of the deliveries it holds.
+    assert_eq!(files.len(), 6, "{files:?}");
     assert!(files.iter().all(|f| f.parent() == Some(to.as_path())));
     let mbox = std::fs::read_to_string(to.join("user0@example.org.mbox")).unwrap();
+    // Exporting again appends nothing.
+    let again = cli(
+        &dir,
+        &["export", "--format", "mbox", "--to", to.to_str().unwrap()],
+    );
+    assert!(again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        stderr.contains("0 deliveries") && stderr.contains("(3 already there)"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(to.join("user0@example.org.mbox")).unwrap(),
+        mbox
+    );
     assert!(mbox.starts_with("From sender1@example.net "));
     assert!(
         mbox.contains("\n>From the start\n>>From quoted\nend\n\n"),

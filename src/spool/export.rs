@@ -8,7 +8,11 @@
 //!   File names are `<unix secs>.Q<queue id>R<recipient index>.<host>`, the
 //!   same on every run, so exporting twice does not deliver twice.
 //! - `mbox`: `TO/<mailbox>.mbox`, mboxrd (`>From ` quoting), one `From `
-//!   line per message, synced after each run.
+//!   line per message, synced after each run. Beside each, `TO/.<mailbox>.mbox.ids`
+//!   lists the deliveries it holds (`<queue id>R<recipient index>`, one per
+//!   line, written after the message), so exporting twice does not append
+//!   twice either; a run killed between the two writes may append one copy
+//!   again on the next.
 //! - `eml`: `TO/<queue id>-<recipient index>.eml`, one RFC 5322 file per
 //!   delivery, written under a temporary name and renamed.
 //!
@@ -23,7 +27,7 @@
 //!
 //! Must not: change the spool.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -46,7 +50,7 @@ pub struct ExportSummary {
     pub messages: u64,
     /// Copies written (one per recipient).
     pub deliveries: u64,
-    /// Copies already present from an earlier run (maildir, eml).
+    /// Copies already present from an earlier run.
     pub skipped: u64,
 }
 
@@ -130,12 +134,39 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// One mbox being appended to, with the deliveries it already holds.
+struct MboxFile {
+    mbox: File,
+    ids: File,
+    seen: HashSet<String>,
+}
+
+impl MboxFile {
+    fn open(to: &Path, mailbox: &str) -> io::Result<MboxFile> {
+        let mbox = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(to.join(format!("{mailbox}.mbox")))?;
+        let ids_path = to.join(format!(".{mailbox}.mbox.ids"));
+        let seen = match fs::read_to_string(&ids_path) {
+            Ok(text) => text.lines().map(str::to_string).collect(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => HashSet::new(),
+            Err(e) => return Err(e),
+        };
+        let ids = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&ids_path)?;
+        Ok(MboxFile { mbox, ids, seen })
+    }
+}
+
 /// Writes the deliveries of spooled records in one format.
 pub struct Exporter {
     format: Format,
     to: PathBuf,
     host: String,
-    mbox_files: HashMap<String, File>,
+    mbox_files: HashMap<String, MboxFile>,
     made_dirs: HashMap<String, ()>,
     pub summary: ExportSummary,
 }
@@ -159,7 +190,7 @@ impl Exporter {
         for (i, rcpt) in rec.envelope.recipients.iter().enumerate() {
             let written = match self.format {
                 Format::Maildir => self.maildir(rec, i, rcpt)?,
-                Format::Mbox => self.mbox(rec, rcpt)?,
+                Format::Mbox => self.mbox(rec, i, rcpt)?,
                 Format::Eml => self.eml(rec, i, rcpt)?,
             };
             if written {
@@ -200,14 +231,17 @@ impl Exporter {
         Ok(true)
     }
 
-    fn mbox(&mut self, rec: &StoredRecord, rcpt: &Recipient) -> io::Result<bool> {
+    fn mbox(&mut self, rec: &StoredRecord, i: usize, rcpt: &Recipient) -> io::Result<bool> {
         let mailbox = mailbox_of(rcpt);
         if !self.mbox_files.contains_key(&mailbox) {
-            let path = self.to.join(format!("{mailbox}.mbox"));
-            let f = OpenOptions::new().create(true).append(true).open(path)?;
+            let f = MboxFile::open(&self.to, &mailbox)?;
             self.mbox_files.insert(mailbox.clone(), f);
         }
         let f = self.mbox_files.get_mut(&mailbox).expect("inserted above");
+        let key = format!("{}R{i}", rec.header.queue_id);
+        if f.seen.contains(&key) {
+            return Ok(false);
+        }
         let from = match &rec.envelope.reverse_path {
             ReversePath::Null => "MAILER-DAEMON".to_string(),
             ReversePath::Mailbox(m) => m.address(),
@@ -230,7 +264,9 @@ impl Exporter {
             out.push(b'\n');
         }
         out.push(b'\n');
-        f.write_all(&out)?;
+        f.mbox.write_all(&out)?;
+        f.ids.write_all(format!("{key}\n").as_bytes())?;
+        f.seen.insert(key);
         Ok(true)
     }
 
@@ -251,7 +287,8 @@ impl Exporter {
     /// Syncs what is still open and the target directory.
     pub fn finish(mut self) -> io::Result<ExportSummary> {
         for (_, f) in self.mbox_files.drain() {
-            f.sync_all()?;
+            f.mbox.sync_all()?;
+            f.ids.sync_all()?;
         }
         sync_dir(&self.to)?;
         Ok(self.summary)
