@@ -682,7 +682,11 @@ mod tests {
         }
         fn with(rcpts: usize, style: Style) -> T {
             let now = Instant::now();
-            let tpl = Arc::new(Templates::new(&[(100, 1)], rcpts));
+            let tpl = Arc::new(Templates::new(
+                &[(100, 1)],
+                rcpts,
+                crate::load::message::RCPT_DOMAIN,
+            ));
             T {
                 c: ClientConn::new(tpl, style, now),
                 tally: Tally::default(),
