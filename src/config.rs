@@ -46,15 +46,30 @@ impl Default for PolicySection {
 }
 
 /// `[access]`: who may connect to the TCP listeners.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AccessSection {
     /// CIDR networks allowed on every TCP listener without its own list.
-    /// Unset: loopback only (127.0.0.0/8, ::1).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub allow: Option<Vec<String>>,
+    /// Default [`ALLOW_DEFAULT`], loopback only. A listener on another
+    /// address needs its own list, or this one changed from the default
+    /// (`check` refuses it otherwise: LMTP has no authentication).
+    pub allow: Vec<String>,
     /// Per listener, keyed by the address as written in `server.listen`.
     pub listen: BTreeMap<String, ListenerAccess>,
+}
+
+/// `access.allow` by default: loopback only, the same networks as
+/// [`AllowList::loopback`]. Written out (not an absent key) so that
+/// `serve --print-config` shows the list in force.
+pub const ALLOW_DEFAULT: [&str; 2] = ["127.0.0.0/8", "::1"];
+
+impl Default for AccessSection {
+    fn default() -> Self {
+        AccessSection {
+            allow: ALLOW_DEFAULT.iter().map(|s| s.to_string()).collect(),
+            listen: BTreeMap::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -107,6 +122,78 @@ pub struct LogSection {
     /// `text` (default; Postfix-style delivery lines) or `json` (one JSON
     /// object per line, fields separate).
     pub format: String,
+}
+
+/// The levels `log.level` takes, alone or after `TARGET=`, quietest first.
+pub const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Turns `log.level` into the filter the server logs with; the one place
+/// that does, so what `check` accepts is exactly what takes effect.
+///
+/// Accepted: directives separated by commas, each a level (`info`) or
+/// `TARGET=LEVEL` (`delivery=info`), where a target is `delivery` (the
+/// delivery log) or `lmtp_ingest` and its module paths
+/// (`lmtp_ingest::spool`). `tracing`'s filter syntax accepts more, and
+/// silently: a word that is not a level (`inof`) is read as a target
+/// nobody logs to, which turns every line off.
+pub fn log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, ConfigError> {
+    let fix = || {
+        format!(
+            "write one of {} (default \"info\"), or directives like \"warn,delivery=info\" (TARGET=LEVEL; targets: delivery, lmtp_ingest, lmtp_ingest::MODULE)",
+            LOG_LEVELS.map(|l| format!("\"{l}\"")).join(", ")
+        )
+    };
+    let is_level = |l: &str| LOG_LEVELS.iter().any(|k| k.eq_ignore_ascii_case(l));
+    let is_target = |t: &str| {
+        t == "delivery"
+            || t.strip_prefix("lmtp_ingest").is_some_and(|rest| {
+                rest.is_empty()
+                    || rest.strip_prefix("::").is_some_and(|path| {
+                        path.split("::").all(|m| {
+                            !m.is_empty()
+                                && m.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                        })
+                    })
+            })
+    };
+    // Rebuilt from the checked parts (trimmed, levels in lower case), so the
+    // filter reads exactly what was checked.
+    let mut normalized = Vec::new();
+    for d in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let (target, l) = match d.split_once('=') {
+            Some((t, l)) => (Some(t.trim()), l.trim()),
+            None => (None, d),
+        };
+        let problem = match target {
+            Some(t) if !is_target(t) => {
+                format!("'{t}' is not a log target, so '{d}' would match no line")
+            }
+            None if !is_level(l) => format!(
+                "'{l}' is not a log level (the filter would take it for a target that no line has: alone, it turns every line off)"
+            ),
+            _ if !is_level(l) => format!("'{l}' is not a log level"),
+            _ => {
+                let l = l.to_ascii_lowercase();
+                normalized.push(target.map_or(l.clone(), |t| format!("{t}={l}")));
+                continue;
+            }
+        };
+        return Err(bad(
+            "log.level",
+            if d == level.trim() {
+                problem
+            } else {
+                format!("{problem} (in \"{level}\")")
+            },
+            fix(),
+        ));
+    }
+    if normalized.is_empty() {
+        return Err(bad("log.level", "no level given", fix()));
+    }
+    let normalized = normalized.join(",");
+    tracing_subscriber::EnvFilter::try_new(&normalized)
+        .map_err(|e| bad("log.level", format!("'{normalized}': {e}"), fix()))
 }
 
 /// A list of strings, or one string standing for a list of one: `listen =
@@ -202,6 +289,11 @@ pub struct SpoolSection {
     pub batch_regroup: bool,
     /// Cap on the spool's size in bytes; 0: only the disk limits it.
     pub spool_bytes_max: u64,
+    /// While no consumer is registered: remove a segment once its last
+    /// write is older than this many seconds (never a stream's last
+    /// segment). 0 (default): keep every segment until consumers pass it.
+    /// Ignored while any consumer is registered (`spool::retention`).
+    pub retention_age_max_s: u64,
     /// Write records past the page cache (`O_DIRECT`), falling back to
     /// buffered writes where the file system refuses it.
     pub direct_io: bool,
@@ -271,6 +363,7 @@ impl Default for SpoolSection {
             batch_delay_us_max: s.batch_delay_us_max,
             batch_regroup: s.batch_regroup,
             spool_bytes_max: 0,
+            retention_age_max_s: s.retention_age_max.map_or(0, |a| a.as_secs()),
             direct_io: s.direct_io,
             segment_fill: s.segment_fill.as_str().into(),
             allocate_from_batch_bytes: s.allocate_from_batch_bytes,
@@ -278,6 +371,14 @@ impl Default for SpoolSection {
         }
     }
 }
+
+/// Shortest `spool.retention_age_max_s`: a minute. Less would remove mail
+/// seconds after its segment fills up, before a reader started by hand or
+/// by a timer has seen it.
+pub const RETENTION_AGE_MIN_S: u64 = 60;
+/// Longest `spool.retention_age_max_s`: 10 years. More is a typo, not a
+/// retention policy.
+pub const RETENTION_AGE_MAX_S: u64 = 10 * 365 * 24 * 3600;
 
 /// A configuration value that cannot work.
 #[derive(Debug, thiserror::Error)]
@@ -310,6 +411,9 @@ pub struct Checked {
     /// `server.idle_poll_us`.
     pub idle_poll: Duration,
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Settings that work but carry a risk, each `key: problem; fix`: the
+    /// server logs them as WARN at start, `--print-config` prints them.
+    pub warnings: Vec<String>,
 }
 
 impl Config {
@@ -490,6 +594,20 @@ impl Config {
                 "keep it at most 100000 (100 ms); 0 (default) is adaptive group commit with no added delay",
             ));
         }
+        if s.retention_age_max_s != 0
+            && !(RETENTION_AGE_MIN_S..=RETENTION_AGE_MAX_S).contains(&s.retention_age_max_s)
+        {
+            return Err(bad(
+                "spool.retention_age_max_s",
+                format!(
+                    "{} seconds is out of range (a segment is removed that long after its last write, while no consumer is registered)",
+                    s.retention_age_max_s
+                ),
+                format!(
+                    "use 0 (default: no age limit) or {RETENTION_AGE_MIN_S} to {RETENTION_AGE_MAX_S} (10 years), e.g. 604800 for a week; the value is in seconds"
+                ),
+            ));
+        }
         let allow = self.check_access(&listen)?;
         let policy = self.check_policy()?;
         let log_format = match self.log.format.as_str() {
@@ -503,13 +621,7 @@ impl Config {
                 ));
             }
         };
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return Err(bad(
-                "log.level",
-                format!("'{}' is not a log filter: {e}", self.log.level),
-                "write a level (\"info\", \"warn\") or directives like \"warn,delivery=info\"",
-            ));
-        }
+        log_filter(&self.log.level)?;
         let metrics_listen = match self.metrics.listen.as_str() {
             "" => None,
             a => Some(a.parse::<std::net::SocketAddr>().map_err(|_| {
@@ -520,6 +632,23 @@ impl Config {
                 )
             })?),
         };
+        let mut warnings = Vec::new();
+        // Not refused, unlike an LMTP listener without an allow-list: the
+        // endpoint only reads counters (nobody can deliver through it), and
+        // refusing would stop servers that run this way today. See
+        // docs/OPERATIONS.md, "The metrics endpoint".
+        if let Some(a) = metrics_listen.filter(|a| !a.ip().to_canonical().is_loopback()) {
+            warnings.push(
+                bad(
+                    "metrics.listen",
+                    format!(
+                        "{a} is reachable from other machines and the endpoint has no authentication: anyone who can connect reads the server's counters, and can hold its one connection at a time for 5 s to delay the real scrapes"
+                    ),
+                    "bind it to loopback (\"127.0.0.1:9425\") and scrape locally or through a proxy, or to a private management address, and firewall the port so that only your Prometheus server reaches it",
+                )
+                .to_string(),
+            );
+        }
         Ok(Checked {
             listen,
             limits,
@@ -530,6 +659,7 @@ impl Config {
             log_format,
             idle_poll: Duration::from_micros(self.server.idle_poll_us),
             metrics_listen,
+            warnings,
         })
     }
 
@@ -548,13 +678,13 @@ impl Config {
                 ));
             }
         }
-        let global = match &self.access.allow {
-            Some(list) => Some(Arc::new(
-                AllowList::parse(list).map_err(|e| bad("access.allow", e, "fix the entry"))?,
-            )),
-            None => None,
-        };
-        let loopback = Arc::new(AllowList::loopback());
+        let global = Arc::new(
+            AllowList::parse(&self.access.allow)
+                .map_err(|e| bad("access.allow", e, "fix the entry"))?,
+        );
+        // The default list is not a decision about a public listener: only
+        // a list the operator changed (or a listener's own) lets one start.
+        let global_written = *global != AllowList::loopback();
         let mut out = Vec::with_capacity(listen.len());
         for (text, addr) in self.server.listen.iter().zip(listen) {
             let own = match self.access.listen.get(text) {
@@ -567,19 +697,18 @@ impl Config {
                 })?)),
                 None => None,
             };
-            let explicit = own.or_else(|| global.clone());
             if let ListenAddr::Tcp(sa) = addr {
-                if !sa.ip().is_loopback() && explicit.is_none() {
+                if !sa.ip().is_loopback() && own.is_none() && !global_written {
                     return Err(bad(
                         "server.listen",
                         format!(
-                            "{text} is reachable from other machines and no allow-list says who may connect (LMTP has no authentication)"
+                            "{text} is reachable from other machines and no allow-list says who may connect (access.allow is the loopback default; LMTP has no authentication)"
                         ),
                         "set access.allow to your MTAs' networks, e.g. [\"192.0.2.0/24\"], or write allow = [\"0.0.0.0/0\", \"::/0\"] to accept anyone",
                     ));
                 }
             }
-            out.push(explicit.unwrap_or_else(|| loopback.clone()));
+            out.push(own.unwrap_or_else(|| global.clone()));
         }
         Ok(out)
     }
@@ -593,16 +722,35 @@ impl Config {
                 format!("remove it, or set policy.recipients = \"{mode}\""),
             )
         };
-        let mode = p.recipients.as_str();
-        if mode != "domains" && !p.domains.is_empty() {
+        #[derive(PartialEq)]
+        enum Mode {
+            AcceptAll,
+            Domains,
+            Table,
+        }
+        // The mode first: with a typo in it, the keys of the mode meant
+        // would otherwise be blamed for not matching it.
+        let mode = match p.recipients.as_str() {
+            "accept_all" => Mode::AcceptAll,
+            "domains" => Mode::Domains,
+            "table" => Mode::Table,
+            other => {
+                return Err(bad(
+                    "policy.recipients",
+                    format!("'{other}' is not a mode"),
+                    "use \"accept_all\" (default), \"domains\" or \"table\"",
+                ));
+            }
+        };
+        if mode != Mode::Domains && !p.domains.is_empty() {
             return Err(unused("domains", "domains"));
         }
-        if mode != "table" && !p.table.as_os_str().is_empty() {
+        if mode != Mode::Table && !p.table.as_os_str().is_empty() {
             return Err(unused("table", "table"));
         }
         match mode {
-            "accept_all" => Ok(PolicySpec::AcceptAll),
-            "domains" => {
+            Mode::AcceptAll => Ok(PolicySpec::AcceptAll),
+            Mode::Domains => {
                 if p.domains.is_empty() {
                     return Err(bad(
                         "policy.domains",
@@ -625,7 +773,7 @@ impl Config {
                     p.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
                 ))
             }
-            "table" => {
+            Mode::Table => {
                 if p.table.as_os_str().is_empty() {
                     return Err(bad(
                         "policy.table",
@@ -645,11 +793,6 @@ impl Config {
                     entries_max: p.table_entries_max,
                 })
             }
-            other => Err(bad(
-                "policy.recipients",
-                format!("'{other}' is not a mode"),
-                "use \"accept_all\" (default), \"domains\" or \"table\"",
-            )),
         }
     }
 
@@ -664,6 +807,8 @@ impl Config {
         c.batch_delay_us_max = s.batch_delay_us_max;
         c.batch_regroup = s.batch_regroup;
         c.spool_bytes_max = (s.spool_bytes_max > 0).then_some(s.spool_bytes_max);
+        c.retention_age_max =
+            (s.retention_age_max_s > 0).then(|| Duration::from_secs(s.retention_age_max_s));
         c.direct_io = s.direct_io;
         // Checked by `check`; an unchecked bad value keeps the default.
         c.segment_fill = FillPolicy::parse(&s.segment_fill).unwrap_or(c.segment_fill);
@@ -683,8 +828,119 @@ mod tests {
         let checked = c.check().unwrap();
         assert_eq!(checked.listen, vec!["127.0.0.1:2424".parse().unwrap()]);
         assert_eq!(checked.unix_socket_mode, 0o660);
+        assert!(checked.warnings.is_empty(), "{:?}", checked.warnings);
         let text = c.to_toml();
         assert_eq!(Config::from_toml(&text).unwrap(), c);
+        // Every setting is printed, the allow-list in force included.
+        let printed: toml::Table = toml::from_str(&text).unwrap();
+        assert_eq!(
+            printed["access"]["allow"],
+            toml::Value::Array(vec!["127.0.0.0/8".into(), "::1".into()]),
+            "{text}"
+        );
+        assert_eq!(printed["spool"]["retention_age_max_s"], 0.into(), "{text}");
+    }
+
+    #[test]
+    fn access_lists_are_printed_and_round_trip() {
+        let c = Config::from_toml(
+            "[server]\nlisten = [\"192.0.2.10:24\", \"127.0.0.1:24\"]\n\n[access]\nallow = [\"192.0.2.0/24\", \"2001:db8:25::/48\"]\n\n[access.listen.\"127.0.0.1:24\"]\nallow = [\"127.0.0.1/32\"]\n",
+        )
+        .unwrap();
+        let text = c.to_toml();
+        assert!(
+            text.contains("allow = [\n    \"192.0.2.0/24\",")
+                || text.contains("allow = [\"192.0.2.0/24\""),
+            "{text}"
+        );
+        assert!(text.contains("[access.listen.\"127.0.0.1:24\"]"), "{text}");
+        let back = Config::from_toml(&text).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(
+            back.check().unwrap().allow.len(),
+            c.check().unwrap().allow.len()
+        );
+        // The printed default list keeps the public-listener rule: a
+        // listener on another address still needs a list written for it.
+        let mut c = Config::from_toml(&Config::default().to_toml()).unwrap();
+        c.server.listen = vec!["0.0.0.0:24".into()];
+        let e = c.check().unwrap_err().to_string();
+        assert!(
+            e.starts_with("server.listen:") && e.contains("loopback default"),
+            "{e}"
+        );
+        // An empty list is a decision: TCP clients all refused.
+        c.access.allow = Vec::new();
+        assert!(!c.check().unwrap().allow[0].allows("127.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn retention_age_is_checked_and_passed_on() {
+        assert_eq!(Config::default().spool_config().retention_age_max, None);
+        let c = Config::from_toml("[spool]\nretention_age_max_s = 0\n").unwrap();
+        c.check().unwrap();
+        assert_eq!(c.spool_config().retention_age_max, None);
+        let c = Config::from_toml("[spool]\nretention_age_max_s = 3600\n").unwrap();
+        c.check().unwrap();
+        assert_eq!(
+            c.spool_config().retention_age_max,
+            Some(Duration::from_secs(3600))
+        );
+        for v in [RETENTION_AGE_MIN_S, RETENTION_AGE_MAX_S] {
+            let mut c = Config::default();
+            c.spool.retention_age_max_s = v;
+            c.check().unwrap();
+            assert_eq!(
+                c.spool_config().retention_age_max,
+                Some(Duration::from_secs(v))
+            );
+        }
+        for v in [
+            1,
+            RETENTION_AGE_MIN_S - 1,
+            RETENTION_AGE_MAX_S + 1,
+            u64::MAX,
+        ] {
+            let mut c = Config::default();
+            c.spool.retention_age_max_s = v;
+            let e = c.check().unwrap_err().to_string();
+            assert!(
+                e.starts_with("spool.retention_age_max_s:") && e.contains("use 0"),
+                "{e}"
+            );
+        }
+        // The old spelling of SpoolConfig's field is not a key.
+        let e = Config::from_toml("[spool]\nretention_age_max = 3600\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("retention_age_max"), "{e}");
+    }
+
+    #[test]
+    fn metrics_off_loopback_is_a_warning() {
+        let mut c = Config::default();
+        for a in ["127.0.0.1:9425", "[::1]:9425", "[::ffff:127.0.0.1]:9425"] {
+            c.metrics.listen = a.into();
+            assert!(c.check().unwrap().warnings.is_empty(), "{a}");
+        }
+        for a in [
+            "0.0.0.0:2611",
+            "[::]:2611",
+            "192.0.2.7:2611",
+            "10.1.2.3:2611",
+        ] {
+            c.metrics.listen = a.into();
+            let w = c.check().unwrap().warnings;
+            assert_eq!(w.len(), 1, "{a}: {w:?}");
+            assert!(
+                w[0].starts_with("metrics.listen:")
+                    && w[0].contains("no authentication")
+                    && w[0].contains("127.0.0.1:9425")
+                    && w[0].contains("firewall"),
+                "{}",
+                w[0]
+            );
+        }
     }
 
     #[test]
@@ -814,6 +1070,22 @@ mod tests {
                 .to_string()
                 .starts_with("policy.recipients:")
         );
+        // A typo in the mode is blamed on the mode, not on the keys of the
+        // mode meant.
+        let c =
+            Config::from_toml("[policy]\nrecipients = \"tabel\"\ntable = \"/etc/rcpt\"\n").unwrap();
+        let e = c.check().unwrap_err().to_string();
+        assert!(
+            e.starts_with("policy.recipients:")
+                && e.contains("'tabel'")
+                && e.contains("\"accept_all\" (default), \"domains\" or \"table\""),
+            "{e}"
+        );
+        let c =
+            Config::from_toml("[policy]\nrecipients = \"domain\"\ndomains = [\"example.org\"]\n")
+                .unwrap();
+        let e = c.check().unwrap_err().to_string();
+        assert!(e.starts_with("policy.recipients:"), "{e}");
 
         let mut c = Config::default();
         c.server.listen = vec!["0.0.0.0:24".into()];
@@ -822,9 +1094,9 @@ mod tests {
             e.contains("no allow-list") && e.contains("0.0.0.0/0"),
             "{e}"
         );
-        c.access.allow = Some(vec!["192.0.2.0/24".into()]);
+        c.access.allow = vec!["192.0.2.0/24".into()];
         assert!(c.check().is_ok());
-        c.access.allow = Some(vec!["192.0.2.1/24".into()]);
+        c.access.allow = vec!["192.0.2.1/24".into()];
         assert!(
             c.check()
                 .unwrap_err()
@@ -853,6 +1125,7 @@ mod tests {
         let mut c = Config::default();
         c.log.level = "info,[".into();
         assert!(c.check().unwrap_err().to_string().starts_with("log.level:"));
+        assert_eq!(Config::default().check().unwrap().warnings.len(), 0);
         assert_eq!(Config::default().check().unwrap().metrics_listen, None);
         let mut c = Config::default();
         c.metrics.listen = "127.0.0.1:9425".into();
@@ -867,6 +1140,57 @@ mod tests {
                 .to_string()
                 .starts_with("metrics.listen:")
         );
+    }
+
+    #[test]
+    fn log_level_accepts_exactly_what_works() {
+        use tracing_subscriber::filter::LevelFilter;
+        for (level, max) in [
+            ("info", LevelFilter::INFO),
+            ("INFO", LevelFilter::INFO),
+            ("off", LevelFilter::OFF),
+            ("error", LevelFilter::ERROR),
+            ("warn", LevelFilter::WARN),
+            ("debug", LevelFilter::DEBUG),
+            ("trace", LevelFilter::TRACE),
+            ("warn,delivery=info", LevelFilter::INFO),
+            (" warn , delivery = info ,", LevelFilter::INFO),
+            ("error,lmtp_ingest=debug", LevelFilter::DEBUG),
+            ("info,lmtp_ingest::spool::writer=trace", LevelFilter::TRACE),
+        ] {
+            let mut c = Config::default();
+            c.log.level = level.into();
+            c.check().unwrap_or_else(|e| panic!("{level:?}: {e}"));
+            let f = log_filter(level).unwrap();
+            assert_eq!(f.max_level_hint(), Some(max), "{level:?}");
+        }
+        // The filter logs the server's lines at the level given.
+        let f = log_filter("warn,delivery=info").unwrap().to_string();
+        assert!(f.contains("warn") && f.contains("delivery=info"), "{f}");
+
+        // Accepted by tracing's syntax, but logging nothing (a word read
+        // as a target) or not what was meant: refused, naming the levels.
+        for (level, needle) in [
+            ("inof", "'inof' is not a log level"),
+            ("Info.", "'Info.' is not a log level"),
+            ("3", "'3' is not a log level"),
+            ("warn,delivry=info", "'delivry' is not a log target"),
+            ("delivery=inof", "'inof' is not a log level"),
+            ("lmtp_ingest::=debug", "not a log target"),
+            ("lmtp_ingest[span]=debug", "not a log target"),
+            ("", "no level given"),
+            (" , ", "no level given"),
+        ] {
+            let mut c = Config::default();
+            c.log.level = level.into();
+            let e = c.check().unwrap_err().to_string();
+            assert!(
+                e.starts_with("log.level:")
+                    && e.contains(needle)
+                    && e.contains("\"error\", \"warn\", \"info\", \"debug\", \"trace\""),
+                "{level:?}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -274,3 +274,42 @@ fn scraped_during_our_load_generator_run() {
         assert!(server.stop().success());
     }
 }
+
+/// An endpoint reachable from other machines starts (no mail can be
+/// delivered through it), but the start-up log warns: no authentication,
+/// and how to fix it. On loopback there is no warning.
+#[test]
+fn a_metrics_endpoint_off_loopback_is_warned_about() {
+    for (listen, warned) in [("0.0.0.0:0", true), ("127.0.0.1:0", false)] {
+        let dir = test_dir(&format!("ops-metrics-public-{warned}"));
+        let c = dir.join("config.toml");
+        std::fs::write(&c, format!("[metrics]\nlisten = \"{listen}\"\n")).unwrap();
+        let mut server = Server::start_in(&dir, "epoll", &["--config", &c.display().to_string()]);
+        let _dir = RemoveOnDrop(server.dir.clone());
+        let line = server
+            .wait_log("metrics endpoint listening", Duration::from_secs(10))
+            .unwrap();
+        let port = line.rsplit(':').next().unwrap().split('/').next().unwrap();
+        // It serves (0.0.0.0 takes loopback connections too).
+        let m = scrape(&format!("127.0.0.1:{port}"));
+        assert!(m.contains_key("lmtp_ingest_messages_total"));
+        let warning = server
+            .log_lines
+            .iter()
+            .find(|l| l.contains("metrics.listen:"))
+            .cloned();
+        match (warned, warning) {
+            (true, Some(w)) => assert!(
+                w.contains("WARN")
+                    && w.contains("0.0.0.0:0 is reachable from other machines")
+                    && w.contains("no authentication")
+                    && w.contains("127.0.0.1:9425")
+                    && w.contains("firewall"),
+                "{w}"
+            ),
+            (false, None) => {}
+            (_, w) => panic!("{listen}: warning {w:?}; log: {:#?}", server.log_lines),
+        }
+        assert!(server.stop().success());
+    }
+}

@@ -2,7 +2,9 @@
 //! RCPT while the others of the transaction are stored; a callout session
 //! gets truthful answers and stores nothing; SIGHUP reloads the table under
 //! load without losing a message; a bad table is refused with file:line and
-//! the old one stays. Every test runs on each backend.
+//! the old one stays; an empty or missing table is refused at start and on
+//! reload, naming the file. Every test runs on each backend, except those
+//! of the reload and start-up checks, which do not touch the event loop.
 
 mod server_util;
 
@@ -236,4 +238,99 @@ fn a_bad_table_at_start_up_is_refused() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("recipients:2:"), "{err}");
+}
+
+/// Runs `serve` with a table policy over `table`, expecting it to refuse to
+/// start; returns stderr.
+fn refused_at_start(name: &str, table: Option<&str>) -> String {
+    let dir = test_dir(name);
+    let _dir = RemoveOnDrop(dir.clone());
+    let flags = table_config(&dir, table.unwrap_or(""));
+    if table.is_none() {
+        std::fs::remove_file(dir.join("recipients")).unwrap();
+    }
+    let out = std::process::Command::new(server_util::BIN)
+        .arg("serve")
+        .args(&flags)
+        .args(["--listen", "127.0.0.1:0", "--spool"])
+        .arg(dir.join("spool"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "serve should refuse to start");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn an_empty_or_missing_table_at_start_up_is_refused() {
+    // Empty, or nothing but comments (a truncated file): every recipient
+    // would get 550.
+    for (i, table) in ["", "# users\n\n"].into_iter().enumerate() {
+        let err = refused_at_start(&format!("ops-emptystart-{i}"), Some(table));
+        assert!(
+            err.contains("recipients: no address in the file")
+                && err.contains("every recipient would be refused")
+                && err.contains("accept_all"),
+            "{err}"
+        );
+        assert!(!err.contains("lmtp-ingest ready"), "{err}");
+    }
+    let err = refused_at_start("ops-missingstart", None);
+    assert!(
+        err.contains("recipients: cannot open: ") && err.contains("policy.table"),
+        "{err}"
+    );
+    assert!(!err.contains("recipients:0:"), "{err}");
+}
+
+#[test]
+fn an_empty_or_missing_table_on_reload_keeps_the_old_one() {
+    let io = "epoll";
+    let mut server = start(&format!("ops-emptyreload-{io}"), io, "alice@example.org\n");
+    let _dir = RemoveOnDrop(server.dir.clone());
+    let path = server.dir.join("recipients");
+    let accepts_alice = |server: &Server| {
+        let mut c = Client::tcp(&server.addr()).unwrap();
+        c.cmd("LHLO check.test", "250").unwrap();
+        c.cmd("MAIL FROM:<>", "250 ").unwrap();
+        c.cmd("RCPT TO:<alice@example.org>", "250 ").unwrap();
+        c.cmd("QUIT", "221").unwrap();
+    };
+
+    // Truncated (as by `> recipients` before a rewrite): refused, logged
+    // as an ERROR naming the file and the fix; alice is still accepted.
+    std::fs::write(&path, "").unwrap();
+    sighup(&server);
+    let line = server
+        .wait_log("no address in the file", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no refusal logged: {:#?}", server.log_lines));
+    assert!(
+        line.contains("ERROR")
+            && line.contains("previous one stays in force")
+            && line.contains(&format!("{}: no address", path.display()))
+            && line.contains("rename(2)"),
+        "{line}"
+    );
+    assert!(
+        !server.log_lines.iter().any(|l| l.contains("entries=0")),
+        "{:#?}",
+        server.log_lines
+    );
+    accepts_alice(&server);
+
+    // Removed: the path and the OS error, no line number.
+    std::fs::remove_file(&path).unwrap();
+    sighup(&server);
+    let line = server
+        .wait_log("cannot open", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no refusal logged: {:#?}", server.log_lines));
+    assert!(
+        line.contains("ERROR")
+            && line.contains(&format!("{}: cannot open: ", path.display()))
+            && line.contains("No such file")
+            && line.contains("policy.table"),
+        "{line}"
+    );
+    assert!(!line.contains(":0:"), "{line}");
+    accepts_alice(&server);
+    assert!(server.stop().success());
 }

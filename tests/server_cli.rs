@@ -3,8 +3,10 @@
 
 mod server_util;
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
+use lmtp_ingest::config::Config;
 use server_util::{BIN, Server, test_dir};
 
 /// Runs `lmtp-ingest serve ARGS`, expecting it to refuse; returns stderr.
@@ -84,4 +86,133 @@ fn print_config_shows_effective_settings() {
     assert_eq!(parsed.server.shards, 3);
     assert_eq!(parsed.limits.recipients_max, 200);
     assert_eq!(parsed.server.listen, vec!["127.0.0.1:2424".to_string()]);
+    // Every setting, the default allow-list in force included.
+    assert!(text.contains("[access]"), "{text}");
+    assert_eq!(parsed.access.allow, ["127.0.0.0/8", "::1"]);
+    assert!(text.contains("retention_age_max_s = 0"), "{text}");
+}
+
+/// `serve --print-config --config FILE` with `toml` in FILE: (status code,
+/// stdout, stderr).
+fn print_config(name: &str, toml: &str) -> (Option<i32>, String, String) {
+    let dir = test_dir(name);
+    let cfg = dir.join("c.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--print-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    (
+        out.status.code(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn print_config_shows_access_lists_and_round_trips() {
+    let file = "[server]\nlisten = [\"192.0.2.10:24\", \"127.0.0.1:24\"]\n\n[access]\nallow = [\"192.0.2.0/24\", \"2001:db8:25::/48\"]\n\n[access.listen.\"127.0.0.1:24\"]\nallow = [\"127.0.0.1/32\"]\n\n[spool]\nretention_age_max_s = 86400\n";
+    let (code, text, err) = print_config("cli-print-access", file);
+    assert_eq!(code, Some(0), "{err}");
+    let printed = Config::from_toml(&text).unwrap();
+    assert_eq!(printed, Config::from_toml(file).unwrap(), "{text}");
+    assert_eq!(printed.access.allow, ["192.0.2.0/24", "2001:db8:25::/48"]);
+    assert_eq!(
+        printed.access.listen["127.0.0.1:24"].allow,
+        ["127.0.0.1/32"]
+    );
+    assert_eq!(
+        printed.spool_config().retention_age_max,
+        Some(Duration::from_secs(86400))
+    );
+    // Printed, then printed again: the same text.
+    let (_, again, _) = print_config("cli-print-access-2", &text);
+    assert_eq!(again, text);
+}
+
+#[test]
+fn config_typos_are_refused_naming_the_real_key() {
+    let dir = test_dir("cli-typos");
+    let cfg = dir.join("c.toml");
+    let cfg_s = cfg.to_str().unwrap();
+    let spool = dir.join("spool");
+    let spool = spool.to_str().unwrap();
+    // A misspelt level used to turn every log line off, the refusal of
+    // the configuration included. RUST_LOG would win over it: unset.
+    std::fs::write(&cfg, "[log]\nlevel = \"inof\"\n").unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--spool",
+            spool,
+            "--config",
+            cfg_s,
+        ])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded: a server that accepts the level runs (silently) until killed.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve started with log.level = \"inof\"");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("log.level: 'inof' is not a log level")
+            && e.contains("\"error\", \"warn\", \"info\", \"debug\", \"trace\""),
+        "{e}"
+    );
+    // A mode typo is blamed on the mode, not on policy.table.
+    std::fs::write(
+        &cfg,
+        "[policy]\nrecipients = \"tabel\"\ntable = \"/etc/lmtp-ingest/recipients\"\n",
+    )
+    .unwrap();
+    let e = refused(&["--spool", spool, "--config", cfg_s]);
+    assert!(
+        e.contains("policy.recipients: 'tabel' is not a mode") && e.contains("\"table\""),
+        "{e}"
+    );
+    assert!(!e.contains("policy.table:"), "{e}");
+    // Age-based retention: a key now, and its range is checked.
+    std::fs::write(&cfg, "[spool]\nretention_age_max_s = 5\n").unwrap();
+    let e = refused(&["--spool", spool, "--config", cfg_s]);
+    assert!(
+        e.contains("spool.retention_age_max_s") && e.contains("use 0"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn print_config_warns_about_a_public_metrics_endpoint() {
+    let (code, _, err) = print_config(
+        "cli-metrics-public",
+        "[metrics]\nlisten = \"0.0.0.0:2611\"\n",
+    );
+    assert_eq!(code, Some(0), "a warning, not a refusal: {err}");
+    assert!(
+        err.contains("warning: metrics.listen: 0.0.0.0:2611 is reachable")
+            && err.contains("no authentication")
+            && err.contains("firewall"),
+        "{err}"
+    );
+    let (code, _, err) = print_config(
+        "cli-metrics-local",
+        "[metrics]\nlisten = \"127.0.0.1:2611\"\n",
+    );
+    assert_eq!(code, Some(0));
+    assert!(!err.contains("warning"), "{err}");
 }

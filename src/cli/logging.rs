@@ -20,7 +20,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use lmtp_ingest::config::Config;
+use lmtp_ingest::config::{self, Config};
 
 /// Bytes of log waiting for stderr before new lines are dropped: at about
 /// 300 bytes a delivery line, some 50,000 lines, seconds of a busy server.
@@ -116,11 +116,13 @@ impl Drop for LogGuard {
 }
 
 /// Installs the subscriber: filter from `RUST_LOG`, else `log.level`
-/// (default `info`); `log.format = "json"` writes JSON objects. A bad value
-/// is reported by `Config::check` (run by the server right after).
+/// (default `info`, read by [`config::log_filter`], the same function that
+/// checks it); `log.format = "json"` writes JSON objects. A bad `log.level`
+/// logs at `info` here and is reported by `Config::check` (run by the
+/// server right after), which stops the start.
 pub fn init(config: &Config) -> LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
+        .or_else(|_| config::log_filter(&config.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let shared = Arc::new(Shared {
         pending: Mutex::new(Pending {

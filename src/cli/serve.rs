@@ -163,11 +163,20 @@ pub fn run(args: ServeArgs) -> Result<Outcome, String> {
     };
     let (config, print) = args.apply(base);
     if print {
-        config.check().map_err(|e| e.to_string())?;
+        let checked = config.check().map_err(|e| e.to_string())?;
+        for w in &checked.warnings {
+            eprintln!("lmtp-ingest: warning: {w}");
+        }
         print!("{}", config.to_toml());
         return Ok(Outcome::Ok);
     }
     let _log = super::logging::init(&config);
+    // An invalid configuration is reported by the server's own check, next.
+    if let Ok(checked) = config.check() {
+        for w in &checked.warnings {
+            tracing::warn!("{w}");
+        }
+    }
     let (soft, hard) = lmtp_ingest::server::raise_nofile_limit();
     if soft < config.server.connections_max as u64 + 1024 {
         tracing::warn!(

@@ -13,7 +13,9 @@
 //! caller's thread while the shards keep answering from the old table; only
 //! a complete, valid table replaces it (a pointer swap under a write lock
 //! held for nanoseconds). A file that fails to parse is refused with its file
-//! and line, and the old table stays. Connections are untouched.
+//! and line, and the old table stays; so is a file with no address (likely
+//! truncated: it would refuse every recipient), at start-up too.
+//! Connections are untouched.
 //!
 //! Must not: read files on a shard thread; a lookup is in memory and does not
 //! allocate.
@@ -141,9 +143,20 @@ impl Policy {
     }
 }
 
+/// Loads a table for the policy: as [`AddressTable::load`], and refuses a
+/// table with no address, which would answer every recipient `550` (a
+/// truncated or half-written file bounces all mail; `policy.domains = []`
+/// is refused for the same reason).
 fn load(path: &std::path::Path, entries_max: usize) -> Result<(AddressTable, Loaded), TableError> {
     let started = Instant::now();
     let table = AddressTable::load(path, entries_max)?;
+    if table.is_empty() {
+        return Err(TableError {
+            file: path.display().to_string(),
+            line: 0,
+            problem: "no address in the file (empty, or only blank and comment lines), so every recipient would be refused with 550; if it was truncated or is still being written, write the full table beside it and rename(2) it into place; to accept every recipient, set policy.recipients = \"accept_all\"".into(),
+        });
+    }
     let loaded = Loaded {
         path: path.to_owned(),
         entries: table.len(),
@@ -245,6 +258,44 @@ mod tests {
         assert!(e.contains(&format!("{}:2:", path.display())), "{e}");
         assert_eq!(p.check(&rcpt("carol", "example.org")), RcptVerdict::Accept);
         assert_eq!(p.check(&rcpt("dave", "example.org")), RcptVerdict::Unknown);
+    }
+
+    #[test]
+    fn empty_table_is_refused_at_start_and_on_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rcpt");
+        let spec = PolicySpec::Table {
+            path: path.clone(),
+            entries_max: 100,
+        };
+        for text in ["", "# only comments\n\n   \n"] {
+            std::fs::write(&path, text).unwrap();
+            let e = Policy::new(&spec).unwrap_err();
+            let s = e.to_string();
+            assert_eq!(e.line, 0);
+            assert!(
+                s.starts_with(&format!("{}: no address", path.display()))
+                    && s.contains("every recipient would be refused")
+                    && s.contains("rename(2)"),
+                "{s}"
+            );
+        }
+
+        std::fs::write(&path, "alice@example.org\n").unwrap();
+        let (p, _) = Policy::new(&spec).unwrap();
+        // Truncated by a careless rewrite: refused, the old table stays.
+        std::fs::write(&path, "").unwrap();
+        let e = p.reload().unwrap_err().to_string();
+        assert!(e.contains("no address"), "{e}");
+        assert_eq!(p.check(&rcpt("alice", "example.org")), RcptVerdict::Accept);
+        // Gone: the path and the OS error, no line number.
+        std::fs::remove_file(&path).unwrap();
+        let e = p.reload().unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("{}: cannot open: ", path.display())),
+            "{e}"
+        );
+        assert_eq!(p.check(&rcpt("alice", "example.org")), RcptVerdict::Accept);
     }
 
     #[test]

@@ -38,14 +38,27 @@ pub const LINE_BYTES_MAX: usize = 1024;
 pub const KEY_BYTES_MAX: usize = 512;
 
 /// Why a table file was refused: the file, the line, what is wrong.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}:{line}: {problem}; the table was not loaded")]
+#[derive(Debug)]
 pub struct TableError {
     pub file: String,
     /// 1-based; 0 when the problem is the file as a whole.
     pub line: usize,
     pub problem: String,
 }
+
+/// `FILE:LINE: problem`, or `FILE: problem` for the file as a whole (a
+/// missing file has no line 0 to look at).
+impl std::fmt::Display for TableError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.file)?;
+        if self.line > 0 {
+            write!(f, ":{}", self.line)?;
+        }
+        write!(f, ": {}; the table was not loaded", self.problem)
+    }
+}
+
+impl std::error::Error for TableError {}
 
 /// A set of addresses.
 pub struct AddressTable {
@@ -200,7 +213,9 @@ impl AddressTable {
         let f = std::fs::File::open(path).map_err(|e| {
             err(
                 0,
-                format!("cannot open: {e}; check policy.table and the file's permissions"),
+                format!(
+                    "cannot open: {e}; check that policy.table names the file and that the server's user may read it (replace the table by rename(2), never by removing it first)"
+                ),
             )
         })?;
         let size = f.metadata().map(|m| m.len()).unwrap_or(0);
@@ -331,8 +346,18 @@ mod tests {
         let e = load_text(b"a@example.org\nb\xffc@x\n").unwrap_err();
         assert_eq!(e.line, 2);
         let dir = tempfile::tempdir().unwrap();
-        let e = AddressTable::load(&dir.path().join("missing"), 10).unwrap_err();
-        assert!(e.to_string().contains("cannot open"), "{e}");
+        // A missing file: the path and the OS error, no line number.
+        let missing = dir.path().join("missing");
+        let e = AddressTable::load(&missing, 10).unwrap_err();
+        assert_eq!(e.line, 0);
+        let s = e.to_string();
+        assert!(
+            s.starts_with(&format!("{}: cannot open: ", missing.display()))
+                && s.contains("No such file")
+                && s.contains("policy.table"),
+            "{s}"
+        );
+        assert!(!s.contains(":0:"), "{s}");
     }
 
     #[test]
