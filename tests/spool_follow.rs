@@ -283,3 +283,249 @@ fn a_live_follower_sees_every_commit_once_across_writers_and_rotations() {
     }
     spool.shutdown();
 }
+
+/// A spool of `n` messages of 1 MiB: more than a pipe buffer (64 KiB), so a
+/// hook that stops reading makes the follower's write fail with EPIPE.
+fn big_spool(name: &str, a: u64, n: u32) -> (std::path::PathBuf, Vec<(QueueId, Message)>) {
+    let dir = spool_dir(name);
+    let mut cfg = config(&dir);
+    cfg.segment_bytes = 4 << 20;
+    let (spool, _) = Spool::open(cfg).unwrap();
+    let msgs = commit_n(&spool, a, n, 1 << 20);
+    spool.shutdown();
+    (dir, msgs)
+}
+
+/// True when consumer `name` has read everything committed (its saved
+/// position is at every stream's watermark).
+fn caught_up(dir: &Path, name: &str) -> bool {
+    let mut f = Follower::open(dir, name, Start::Beginning).unwrap();
+    f.poll(usize::MAX).unwrap().is_empty()
+}
+
+#[test]
+fn follow_exec_that_stops_reading_is_judged_by_its_exit_status() {
+    let (dir, msgs) = big_spool("follow-exec-epipe", 58, 4);
+    let want: Vec<String> = msgs.iter().map(|(id, _)| id.to_string()).collect();
+    let run = |consumer: &str, cmd: &str| {
+        follow_cmd(
+            &dir,
+            &["--consumer", consumer, "--exec", cmd, "--exit-when-idle"],
+        )
+        .output()
+        .unwrap()
+    };
+    // Reads nothing, reads 10 bytes, reads the first line: each exits 0, so
+    // each message counts as handled. (Before the fix: killed by SIGPIPE,
+    // exit 141, nothing saved.)
+    for (consumer, reads) in [
+        ("none", ""),
+        ("ten", "head -c 10 >/dev/null; "),
+        ("line", "head -n 1 >/dev/null; "),
+    ] {
+        let log = dir.join(format!("{consumer}.log"));
+        let cmd = format!("{reads}echo $LMTP_QUEUE_ID >> {}", log.display());
+        let o = run(consumer, &cmd);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{consumer}: {:?} {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let got = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(got.lines().collect::<Vec<_>>(), want, "{consumer}");
+        assert!(caught_up(&dir, consumer), "{consumer}: position not saved");
+        // Resumes after the last one: nothing is offered twice.
+        let o = run(consumer, &cmd);
+        assert!(o.status.success());
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), got, "{consumer}");
+    }
+    let o = run("true", "true");
+    assert_eq!(o.status.code(), Some(0), "{:?}", o.status);
+    assert!(caught_up(&dir, "true"));
+
+    // A command that stops reading and fails keeps the failure behaviour:
+    // exit 1, the message offered again, the position where it was.
+    let o = run("fails", "head -c 10 >/dev/null; exit 3");
+    assert_eq!(o.status.code(), Some(1), "{:?}", o.status);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("offered again"), "{err}");
+    assert!(err.contains(&want[0]), "{err}");
+    let o = run("false", "false");
+    assert_eq!(o.status.code(), Some(1), "{:?}", o.status);
+    for consumer in ["fails", "false"] {
+        let o = follow_cmd(&dir, &["--consumer", consumer, "--exit-when-idle"])
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        let ids: Vec<String> = lines(&o.stdout)
+            .iter()
+            .map(|x| x["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(ids, want, "{consumer}: the failed message was skipped");
+    }
+}
+
+#[test]
+fn follow_exec_commands_start_with_sigpipe_at_its_default() {
+    // The follower ignores SIGPIPE; what it runs must not inherit that (a
+    // hook's own `producer | head` would then spin on EPIPE).
+    let (dir, _) = big_spool("follow-exec-sigdfl", 59, 1);
+    let status = dir.join("status");
+    let cmd = format!("cat /proc/$$/status > {}", status.display());
+    let o = follow_cmd(
+        &dir,
+        &["--consumer", "s", "--exec", &cmd, "--exit-when-idle"],
+    )
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(&status).unwrap();
+    let ignored = text
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .map(|h| u64::from_str_radix(h.trim(), 16).unwrap())
+        .unwrap();
+    assert_eq!(
+        ignored & (1 << (libc::SIGPIPE - 1)),
+        0,
+        "SigIgn {ignored:x}"
+    );
+}
+
+#[test]
+fn follow_to_a_closed_stdout_stops_and_saves_nothing_unwritten() {
+    let (dir, msgs) = big_spool("follow-closed-stdout", 60, 4);
+    let mut child = follow_cmd(&dir, &["--consumer", "h", "--exit-when-idle"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read one line (`| head -n 1`), then close the pipe.
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    drop(out);
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{:?}", o.status);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("stdout was closed"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(v["id"], msgs[0].0.to_string());
+    // The batch being written was not saved: all of it comes again.
+    let o = follow_cmd(&dir, &["--consumer", "h", "--exit-when-idle"])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert_eq!(lines(&o.stdout).len(), msgs.len());
+}
+
+/// Waits until consumer `name`'s lock file names `pid`.
+fn wait_locked(dir: &Path, name: &str, pid: u32) {
+    let path = dir.join("consumers").join(format!("{name}.lock"));
+    let want = format!("pid {pid}");
+    let t = Instant::now();
+    while std::fs::read_to_string(&path).map_or(true, |s| s.trim() != want) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "follower {pid} never took {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn one_follower_per_consumer_name_the_second_is_refused_with_the_holder() {
+    let dir = spool_dir("follow-lock");
+    // A server running throughout: followers lock their consumer, not the
+    // spool.
+    let (spool, _) = Spool::open(config(&dir)).unwrap();
+    let msgs = commit_n(&spool, 61, 5, 500);
+    let want: Vec<String> = msgs.iter().map(|(id, _)| id.to_string()).collect();
+    let ids = |out: &[u8]| -> Vec<String> {
+        lines(out)
+            .iter()
+            .map(|x| x["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // The first one waits for more (a --limit it will not reach).
+    let mut first = follow_cmd(&dir, &["--consumer", "dup", "--limit", "1000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_locked(&dir, "dup", first.id());
+    let o = follow_cmd(&dir, &["--consumer", "dup", "--exit-when-idle"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{:?}", o.status);
+    assert!(o.stdout.is_empty(), "the second one streamed messages");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("consumer dup"), "{err}");
+    assert!(err.contains(&format!("pid {}", first.id())), "{err}");
+    assert!(err.contains("one follower per consumer"), "{err}");
+    // The same through the API, in this process.
+    let e = Follower::open(&dir, "dup", Start::Beginning).err().unwrap();
+    assert_eq!(e.kind(), std::io::ErrorKind::ResourceBusy, "{e}");
+
+    // Another name runs beside it.
+    let o = follow_cmd(&dir, &["--consumer", "other", "--exit-when-idle"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(ids(&o.stdout), want);
+
+    // Retention reads the consumers' positions: the lock files are not
+    // consumers (it would fail on them), and the holder's position keeps
+    // what it has not read.
+    retention::run(&dir, &RealStorage, None, SystemTime::now()).unwrap();
+
+    // Once the holder is gone, the name is free again.
+    first.kill().unwrap();
+    let o = first.wait_with_output().unwrap();
+    assert_eq!(ids(&o.stdout), want);
+    let o = follow_cmd(&dir, &["--consumer", "dup", "--exit-when-idle"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The first one may have been killed before it saved.
+    assert!(ids(&o.stdout).len() <= want.len());
+    let f = Follower::open(&dir, "dup", Start::Beginning).unwrap();
+    drop(f);
+    Follower::open(&dir, "dup", Start::Beginning).unwrap();
+    spool.shutdown();
+}
+
+#[test]
+fn a_follower_that_cannot_write_its_consumer_file_names_the_path_and_the_fix() {
+    let dir = spool_dir("follow-perm");
+    let (spool, _) = Spool::open(config(&dir)).unwrap();
+    commit_n(&spool, 62, 2, 100);
+    spool.shutdown();
+    let cdir = dir.join("consumers");
+    std::fs::create_dir_all(&cdir).unwrap();
+    let mut cmd = follow_cmd(&dir, &["--consumer", "nob", "--exit-when-idle"]);
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        // Root writes anywhere: run as nobody in a directory owned by root.
+        std::os::unix::process::CommandExt::uid(&mut cmd, 65534);
+    } else {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cdir, std::fs::Permissions::from_mode(0o555)).unwrap();
+    }
+    let o = cmd.output().unwrap();
+    if !root {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cdir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    assert_eq!(o.status.code(), Some(2), "{:?}", o.status);
+    assert!(o.stdout.is_empty());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("consumer nob"), "{err}");
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(err.contains(&cdir.display().to_string()), "{err}");
+    assert!(err.contains("run it as the spool's owner"), "{err}");
+    assert!(err.contains("permissions"), "{err}");
+}

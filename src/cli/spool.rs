@@ -1,5 +1,6 @@
 //! `lmtp-ingest spool ...`: read-only tools over a spool directory (they take
-//! no lock and may run beside a server).
+//! no spool lock and may run beside a server; `follow` locks only its own
+//! consumer, so that one follower at a time reads under a consumer name).
 //!
 //! Must not: write into segments. Everything read goes through the spool's
 //! reader, which checks each record's checksum before using it.
@@ -71,10 +72,11 @@ struct FollowArgs {
     #[arg(long, value_enum, default_value = "beginning")]
     from: Start,
     /// Run this shell command for each message (message on stdin; envelope
-    /// in LMTP_QUEUE_ID, LMTP_SENDER, LMTP_RECIPIENTS, LMTP_RECEIVED_AT). The
-    /// position is saved after it exits 0; a failure stops follow (exit 1)
-    /// and the message is offered again next time. Without it, one JSON line
-    /// per message goes to stdout.
+    /// in LMTP_QUEUE_ID, LMTP_SENDER, LMTP_RECIPIENTS, LMTP_RECEIVED_AT). Its
+    /// exit status alone decides, however much of stdin it read: the position
+    /// is saved after it exits 0; a failure stops follow (exit 1) and the
+    /// message is offered again next time. Without it, one JSON line per
+    /// message goes to stdout.
     #[arg(long, value_name = "CMD")]
     exec: Option<String>,
     /// Exit once caught up instead of waiting for more.
@@ -452,8 +454,19 @@ struct FollowLine<'a> {
 }
 
 fn follow(dir: &Path, args: &FollowArgs) -> Result<Outcome, String> {
-    let mut f = Follower::open(dir, &args.consumer, args.from)
-        .map_err(|e| format!("consumer {}: {e}", args.consumer))?;
+    // `cli::main` restores SIGPIPE's default for the spool tools (so that
+    // `spool ls | head` just stops); a follower must not have it. An --exec
+    // command that exits without reading all of its stdin would kill us
+    // with it mid-message (exit 141, nothing said, position not saved, the
+    // message offered again forever), and a closed stdout must stop us at a
+    // point we choose, never in the middle of saving. With it ignored, both
+    // are EPIPE errors, handled below. Commands we start get the default
+    // back: std resets SIGPIPE in the child before exec.
+    // SAFETY: setting a signal's disposition; follow starts no thread.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    // Its errors name the consumer (and, when another follower holds it,
+    // that one's pid).
+    let mut f = Follower::open(dir, &args.consumer, args.from).map_err(|e| e.to_string())?;
     let stdout = std::io::stdout();
     let mut count = 0u64;
     let limit = args.limit.unwrap_or(u64::MAX);
@@ -472,10 +485,11 @@ fn follow(dir: &Path, args: &FollowArgs) -> Result<Outcome, String> {
         for r in &batch {
             match &args.exec {
                 Some(cmd) => {
-                    if !run_exec(cmd, r)? {
+                    let status = run_exec(cmd, r)?;
+                    if !status.success() {
                         // Not processed: leave its position unsaved.
                         eprintln!(
-                            "lmtp-ingest: '{cmd}' failed for {}; stopping, it is offered again next time",
+                            "lmtp-ingest: '{cmd}' failed for {} ({status}); stopping, it is offered again next time",
                             r.header.queue_id
                         );
                         return Ok(Outcome::Problem);
@@ -495,12 +509,18 @@ fn follow(dir: &Path, args: &FollowArgs) -> Result<Outcome, String> {
                         body_base64: base64(&r.body),
                     };
                     let mut out = stdout.lock();
-                    serde_json::to_writer(&mut out, &line).map_err(|e| e.to_string())?;
-                    out.write_all(b"\n").map_err(out_err)?;
+                    let written = serde_json::to_writer(&mut out, &line)
+                        .map_err(std::io::Error::from)
+                        .and_then(|_| out.write_all(b"\n"));
+                    if let Err(e) = written {
+                        return follow_out_err(e);
+                    }
                 }
             }
         }
-        stdout.lock().flush().map_err(out_err)?;
+        if let Err(e) = stdout.lock().flush() {
+            return follow_out_err(e);
+        }
         count += batch.len() as u64;
         // After the output is flushed (or, with --exec, after the one message
         // of this poll was processed): at-least-once.
@@ -510,8 +530,25 @@ fn follow(dir: &Path, args: &FollowArgs) -> Result<Outcome, String> {
     Ok(Outcome::Ok)
 }
 
-/// Runs `cmd` for one message; true when it exited 0.
-fn run_exec(cmd: &str, r: &StoredRecord) -> Result<bool, String> {
+/// A follower's stdout failed before its batch was saved: nothing of the
+/// batch is saved, so the reader (or the next one) gets it again.
+fn follow_out_err(e: std::io::Error) -> Result<Outcome, String> {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        // `follow | head`: the reader went away, like `ls | head`, but said
+        // out loud, because what it did not get is not lost.
+        eprintln!(
+            "lmtp-ingest: stdout was closed (its reader exited); stopping without saving the position of the messages being written: they are offered again next time"
+        );
+        return Ok(Outcome::Problem);
+    }
+    Err(format!(
+        "{}; stopping without saving the position of the messages being written: they are offered again next time",
+        out_err(e)
+    ))
+}
+
+/// Runs `cmd` for one message and returns how it exited.
+fn run_exec(cmd: &str, r: &StoredRecord) -> Result<std::process::ExitStatus, String> {
     let e = &r.envelope;
     let rcpts: Vec<String> = e.recipients.iter().map(|x| x.mailbox.address()).collect();
     let mut child = std::process::Command::new("/bin/sh")
@@ -528,11 +565,22 @@ fn run_exec(cmd: &str, r: &StoredRecord) -> Result<bool, String> {
         .spawn()
         .map_err(|err| format!("running '{cmd}': {err}"))?;
     let mut stdin = child.stdin.take().expect("piped");
-    // A command that does not read its input is not an error of ours.
-    let _ = stdin.write_all(&r.body);
+    // EPIPE: the command closed its stdin (it exited, or it reads only the
+    // headers, or nothing). That is its choice, not a failure of either of
+    // us: its exit status decides. (SIGPIPE is ignored, see `follow`.)
+    let written = match stdin.write_all(&r.body) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    };
     drop(stdin);
     let status = child
         .wait()
         .map_err(|err| format!("waiting for '{cmd}': {err}"))?;
-    Ok(status.success())
+    written.map_err(|err| {
+        format!(
+            "writing {} to '{cmd}': {err}; stopping, it is offered again next time",
+            r.header.queue_id
+        )
+    })?;
+    Ok(status)
 }

@@ -12,11 +12,23 @@
 //! sees a record that is not covered by a successful fdatasync. Retention
 //! removes only segments that every registered consumer has passed.
 //!
+//! One follower per consumer: [`Follower`] holds `flock(LOCK_EX | LOCK_NB)` on
+//! `DIR/consumers/<name>.lock` for its life (the holder's pid is written into
+//! it for the error message of the next one who tries). Without it, two
+//! followers of one name hand the same messages out twice and race on the
+//! temporary file of each other's saves. The lock is per consumer, not the
+//! server's spool lock, so followers run beside the server and beside each
+//! other. The file is left in place when the lock is dropped (removing it
+//! would let a third follower lock a new file while a second still holds the
+//! old one); only `*.json` files are consumers, so retention never reads it.
+//!
 //! Must not: write segments, or move a saved position backwards.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -81,7 +93,8 @@ pub fn load_consumers(dir: &Path) -> io::Result<Vec<ConsumerState>> {
 }
 
 fn load(path: &Path) -> io::Result<ConsumerState> {
-    let bytes = std::fs::read(path)?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", path.display())))?;
     serde_json::from_slice(&bytes).map_err(|e| {
         io::Error::new(
             io::ErrorKind::InvalidData,
@@ -90,19 +103,107 @@ fn load(path: &Path) -> io::Result<ConsumerState> {
     })
 }
 
-fn save(dir: &Path, state: &ConsumerState) -> io::Result<()> {
+/// `err` with what was being done (`what`, naming the path) in front, and,
+/// when the cause is a permission, who owns `dir` and what to do.
+fn context(what: String, dir: &Path, err: io::Error) -> io::Error {
+    let hint = match err.raw_os_error() {
+        Some(libc::EACCES) | Some(libc::EPERM) => {
+            // SAFETY: geteuid has no preconditions and touches no memory.
+            let uid = unsafe { libc::geteuid() };
+            let owner = std::fs::metadata(dir)
+                .map(|m| format!("owned by uid {}", m.uid()))
+                .unwrap_or_else(|_| "owner unknown".into());
+            format!(
+                "; this follower runs as uid {uid} and cannot write in {} ({owner}): run it as the spool's owner, or fix that directory's permissions (chown or chmod)",
+                dir.display()
+            )
+        }
+        Some(libc::EROFS) => format!(
+            "; {} is on a read-only file system: a follower must save its position there",
+            dir.display()
+        ),
+        _ => String::new(),
+    };
+    io::Error::new(err.kind(), format!("{what}: {err}{hint}"))
+}
+
+/// Creates `DIR/consumers` if missing (and makes its entry durable).
+fn create_consumers_dir(dir: &Path) -> io::Result<PathBuf> {
     let cdir = consumers_dir(dir);
     if !cdir.exists() {
-        std::fs::create_dir_all(&cdir)?;
-        File::open(dir)?.sync_all()?;
+        std::fs::create_dir_all(&cdir)
+            .map_err(|e| context(format!("creating {}", cdir.display()), dir, e))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| context(format!("syncing {}", dir.display()), dir, e))?;
     }
+    Ok(cdir)
+}
+
+fn save(dir: &Path, state: &ConsumerState) -> io::Result<()> {
+    let cdir = create_consumers_dir(dir)?;
     let path = cdir.join(format!("{}.json", state.name));
     let tmp = cdir.join(format!(".{}.json.tmp", state.name));
-    let mut f = File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(state).map_err(io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    File::open(&cdir)?.sync_all()
+    let bytes = serde_json::to_vec_pretty(state).map_err(io::Error::other)?;
+    File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(&bytes)?;
+            f.sync_all()
+        })
+        .map_err(|e| context(format!("writing {}", tmp.display()), &cdir, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| {
+        context(
+            format!("renaming {} to {}", tmp.display(), path.display()),
+            &cdir,
+            e,
+        )
+    })?;
+    File::open(&cdir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| context(format!("syncing {}", cdir.display()), &cdir, e))
+}
+
+/// Takes consumer `name`'s lock, `DIR/consumers/<name>.lock`, without
+/// waiting, and writes our pid into it. Held until the file is closed; the
+/// kernel drops it when the process dies, so a crash leaves no stale lock.
+/// std opens files close-on-exec, so commands a follower runs (and whatever
+/// they leave running) do not inherit it.
+fn lock_consumer(dir: &Path, name: &str) -> io::Result<File> {
+    let cdir = create_consumers_dir(dir)?;
+    let path = cdir.join(format!("{name}.lock"));
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| context(format!("opening {}", path.display()), &cdir, e))?;
+    // SAFETY: flock takes a file descriptor we own (borrowed from `file`, which
+    // outlives the call) and an integer; it touches no memory of ours.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            // Empty when the holder has locked but not yet written its pid.
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = match holder.trim() {
+                "" => "pid not yet written".to_string(),
+                h => h.to_string(),
+            };
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!(
+                    "already followed by another process ({holder}, holding {}); run one follower per consumer: stop that one, or give this one another consumer name (--consumer)",
+                    path.display()
+                ),
+            ));
+        }
+        return Err(context(format!("locking {}", path.display()), &cdir, err));
+    }
+    file.set_len(0)
+        .and_then(|_| writeln!(file, "pid {}", std::process::id()))
+        .map_err(|e| context(format!("writing {}", path.display()), &cdir, e))?;
+    Ok(file)
 }
 
 /// Reads committed records for one named consumer.
@@ -111,11 +212,16 @@ pub struct Follower {
     state: ConsumerState,
     saved: ConsumerState,
     open: HashMap<u16, (u64, File)>,
+    /// The consumer's lock, held while this value lives.
+    _lock: File,
 }
 
 impl Follower {
-    /// Loads consumer `name`, registering it (saved at once, so retention
-    /// keeps what it has not read) if it is new.
+    /// Takes consumer `name`'s lock, then loads it, registering it (saved at
+    /// once, so retention keeps what it has not read) if it is new. Fails
+    /// with [`io::ErrorKind::ResourceBusy`], naming the holder's pid, while
+    /// another follower of `name` (in any process) is open. Every error
+    /// names the consumer.
     pub fn open(dir: &Path, name: &str, start: Start) -> io::Result<Follower> {
         if !valid_consumer_name(name) {
             return Err(io::Error::new(
@@ -123,18 +229,20 @@ impl Follower {
                 format!("consumer name '{name}' must be 1 to 64 of A-Z a-z 0-9 _ -"),
             ));
         }
+        let named = |e: io::Error| io::Error::new(e.kind(), format!("consumer {name}: {e}"));
+        let lock = lock_consumer(dir, name).map_err(named)?;
         let path = consumers_dir(dir).join(format!("{name}.json"));
         let state = if path.exists() {
-            load(&path)?
+            load(&path).map_err(named)?
         } else {
             let mut positions = BTreeMap::new();
-            let groups = group(reader::list_segments(dir)?);
+            let groups = group(reader::list_segments(dir).map_err(named)?);
             for (&w, segs) in &groups {
                 let first = Position {
                     segment: segs[0].id.index,
                     offset: SEGMENT_HEADER_LEN,
                 };
-                let p = match (start, watermark::read(dir, w)?) {
+                let p = match (start, watermark::read(dir, w).map_err(named)?) {
                     (Start::End, Some(wm)) => Position {
                         segment: wm.segment,
                         offset: wm.offset,
@@ -147,7 +255,7 @@ impl Follower {
                 name: name.to_string(),
                 positions,
             };
-            save(dir, &s)?;
+            save(dir, &s).map_err(named)?;
             s
         };
         Ok(Follower {
@@ -155,6 +263,7 @@ impl Follower {
             saved: state.clone(),
             state,
             open: HashMap::new(),
+            _lock: lock,
         })
     }
 
@@ -264,4 +373,72 @@ pub(crate) fn group(segs: Vec<SegmentInfo>) -> BTreeMap<u16, Vec<SegmentInfo>> {
         g.entry(s.id.writer).or_default().push(s);
     }
     g
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_follower_of_a_name_is_refused_until_the_first_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Follower::open(dir.path(), "a", Start::Beginning).unwrap();
+        let e = Follower::open(dir.path(), "a", Start::Beginning)
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::ResourceBusy);
+        let msg = e.to_string();
+        assert!(msg.starts_with("consumer a: "), "{msg}");
+        assert!(
+            msg.contains(&format!("pid {}", std::process::id())),
+            "{msg}"
+        );
+        assert!(msg.contains("a.lock"), "{msg}");
+        // Another name is another lock.
+        let b = Follower::open(dir.path(), "b", Start::End).unwrap();
+        drop(a);
+        Follower::open(dir.path(), "a", Start::Beginning).unwrap();
+        drop(b);
+    }
+
+    #[test]
+    fn lock_and_temporary_files_are_not_consumers() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Follower::open(dir.path(), "a", Start::Beginning).unwrap();
+        let cdir = consumers_dir(dir.path());
+        assert!(cdir.join("a.lock").exists());
+        std::fs::write(cdir.join(".a.json.tmp"), b"{").unwrap();
+        let all = load_consumers(dir.path()).unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].name, "a");
+        // Dropping the lock leaves its file; still not a consumer.
+        drop(f);
+        assert!(cdir.join("a.lock").exists());
+        assert_eq!(load_consumers(dir.path()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_permission_error_names_the_path_and_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = context(
+            "writing x/consumers/.a.json.tmp".into(),
+            dir.path(),
+            io::Error::from_raw_os_error(libc::EACCES),
+        );
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("writing x/consumers/.a.json.tmp: "),
+            "{msg}"
+        );
+        assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+        assert!(msg.contains("run it as the spool's owner"), "{msg}");
+        // Other errors are passed on with only what was being done.
+        let e = context(
+            "writing y".into(),
+            dir.path(),
+            io::Error::from_raw_os_error(libc::EIO),
+        );
+        assert!(!e.to_string().contains("owner"), "{e}");
+    }
 }
