@@ -216,3 +216,34 @@ fn print_config_warns_about_a_public_metrics_endpoint() {
     assert_eq!(code, Some(0));
     assert!(!err.contains("warning"), "{err}");
 }
+
+#[test]
+fn a_spool_another_user_owns_is_refused_naming_the_owner_and_the_fix() {
+    let dir = test_dir("perm-spool");
+    let spool = dir.join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    std::fs::write(spool.join("lock"), "pid 1\n").unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--spool"])
+        .arg(&spool);
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    let root = unsafe { libc::geteuid() } == 0;
+    use std::os::unix::fs::PermissionsExt;
+    if root {
+        // Root opens anything: run as nobody on a spool root owns.
+        std::os::unix::process::CommandExt::uid(&mut cmd, 65534);
+    } else {
+        std::fs::set_permissions(spool.join("lock"), std::fs::Permissions::from_mode(0o444))
+            .unwrap();
+    }
+    let o = cmd.output().unwrap();
+    let _ = std::fs::set_permissions(spool.join("lock"), std::fs::Permissions::from_mode(0o644));
+    assert_eq!(o.status.code(), Some(2), "{:?}", o.status);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("lock: permission denied"), "{err}");
+    assert!(
+        err.contains("owned by uid") && err.contains("runuser"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

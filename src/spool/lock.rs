@@ -33,7 +33,18 @@ pub fn lock_spool(dir: &Path) -> Result<SpoolLock, SpoolError> {
         .create(true)
         .truncate(false)
         .open(&path)
-        .map_err(|e| SpoolError::io(format!("open {}", path.display()), e))?;
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::PermissionDenied => SpoolError::Permission {
+                path: path.clone(),
+                dir: dir.to_path_buf(),
+                // SAFETY: geteuid has no preconditions and touches no memory.
+                uid: unsafe { libc::geteuid() },
+                owner: std::fs::metadata(dir)
+                    .map(|m| std::os::unix::fs::MetadataExt::uid(&m).to_string())
+                    .unwrap_or_else(|_| "unknown".into()),
+            },
+            _ => SpoolError::io(format!("open {}", path.display()), e),
+        })?;
     // SAFETY: flock takes a file descriptor we own (borrowed from `file`, which
     // outlives the call) and an integer; it touches no memory of ours.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };

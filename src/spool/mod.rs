@@ -280,6 +280,15 @@ pub enum SpoolError {
     Tmpfs(PathBuf),
     #[error("bad spool configuration: {0}")]
     Config(String),
+    #[error(
+        "{path}: permission denied: this process runs as uid {uid} and {dir} is owned by uid {owner}; run the server (or tool) as the spool's owner (e.g. `runuser -u USER -- lmtp-ingest ...`), or give this user the directory (`chown -R`)"
+    )]
+    Permission {
+        path: PathBuf,
+        dir: PathBuf,
+        uid: u32,
+        owner: String,
+    },
 }
 
 impl SpoolError {
