@@ -434,10 +434,22 @@ impl Config {
     }
 
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| {
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            // The message with its place as "line L, column C", not the
+            // multi-line caret drawing of `Display`, which a log squashes.
+            let place = e.span().map(|sp| {
+                let before = &text[..sp.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!("line {line}, column {column}: ")
+            });
             bad(
                 "configuration",
-                e.to_string().trim_end().replace('\n', " "),
+                format!(
+                    "{}{}",
+                    place.unwrap_or_default(),
+                    e.message().trim_end().replace('\n', " ")
+                ),
                 "see `lmtp-ingest serve --print-config` for every key and its default",
             )
         })
@@ -958,6 +970,25 @@ mod tests {
             e.starts_with("spool.segment_fill:") && e.contains("\"zeros\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn toml_errors_give_line_and_column_on_one_line() {
+        let e = Config::from_toml("[server]\nsharsd = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 2, column 1: unknown field `sharsd`, expected one of"),
+            "{e}"
+        );
+        assert!(
+            !e.contains('^') && !e.contains(" | ") && !e.contains('\n'),
+            "{e}"
+        );
+        let e = Config::from_toml("[spool]\nwriters = \"two\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2, column 11: invalid type"), "{e}");
     }
 
     #[test]
