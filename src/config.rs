@@ -438,10 +438,14 @@ impl Config {
             // The message with its place as "line L, column C", not the
             // multi-line caret drawing of `Display`, which a log squashes.
             let place = e.span().map(|sp| {
-                let before = &text[..sp.start.min(text.len())];
-                let line = before.matches('\n').count() + 1;
-                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-                format!("line {line}, column {column}: ")
+                let at = sp.start.min(text.len());
+                let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+                let line = text[..at].matches('\n').count() + 1;
+                let column = text[start..at].chars().count() + 1;
+                // The line itself names the key that a type error does not.
+                let src = text[start..].lines().next().unwrap_or("").trim();
+                let src: String = src.chars().take(80).collect();
+                format!("line {line}, column {column} (`{src}`): ")
             });
             bad(
                 "configuration",
@@ -978,7 +982,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("line 2, column 1: unknown field `sharsd`, expected one of"),
+            e.contains("line 2, column 1 (`sharsd = 1`): unknown field `sharsd`, expected one of"),
             "{e}"
         );
         assert!(
@@ -988,7 +992,10 @@ mod tests {
         let e = Config::from_toml("[spool]\nwriters = \"two\"\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("line 2, column 11: invalid type"), "{e}");
+        assert!(
+            e.contains("line 2, column 11 (`writers = \"two\"`): invalid type"),
+            "{e}"
+        );
     }
 
     #[test]
