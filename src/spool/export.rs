@@ -16,7 +16,8 @@
 //! - `eml`: `TO/<queue id>-<recipient index>.eml`, one RFC 5322 file per
 //!   delivery, written under a temporary name and renamed.
 //!
-//! `<mailbox>` is the recipient's base address (the detail removed) made safe
+//! `<mailbox>` is the recipient's base address (the detail removed, the
+//! domain in lower case) made safe
 //! for any file system: bytes outside `[A-Za-z0-9@._+=-]` become `%XX`, a
 //! leading dot is escaped (no `.`, `..` or hidden names), and a name longer
 //! than 200 bytes is cut and given a checksum suffix. No recipient string can
@@ -85,8 +86,16 @@ fn sender_text(r: &ReversePath) -> String {
 }
 
 /// The mailbox a recipient is delivered to: its address without the detail.
+/// The mailbox a delivery goes to: the base address with its domain in
+/// lower case (domains are case-insensitive, RFC 5321 section 2.4; the local
+/// part is kept as given, since only the receiving host may fold it).
 fn mailbox_of(r: &Recipient) -> String {
-    safe_name(&r.base_address())
+    let local = r.detail.as_ref().map_or(&r.mailbox.local, |d| &d.base);
+    let folded = crate::envelope::Mailbox {
+        local: local.clone(),
+        domain: r.mailbox.domain.to_ascii_lowercase(),
+    };
+    safe_name(&folded.address())
 }
 
 /// `Return-Path:` and `Delivered-To:` then the body, with `eol` line endings.
@@ -298,6 +307,26 @@ impl Exporter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mailboxes_fold_the_domain_not_the_local_part() {
+        let r = crate::proto::address::split_detail(
+            crate::envelope::Mailbox {
+                local: "Carol+news".into(),
+                domain: "EXAMPLE.Org".into(),
+            },
+            "+",
+        );
+        assert_eq!(mailbox_of(&r), "Carol@example.org");
+        let plain = Recipient {
+            mailbox: crate::envelope::Mailbox {
+                local: "carol".into(),
+                domain: "Example.ORG".into(),
+            },
+            detail: None,
+        };
+        assert_eq!(mailbox_of(&plain), "carol@example.org");
+    }
 
     #[test]
     fn safe_names_cannot_escape_or_hide() {
