@@ -369,3 +369,41 @@ fn verify_and_ls_beside_a_running_server_find_no_damage() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["torn_tails"], 0, "{v}");
 }
+
+#[test]
+fn verify_keeps_reporting_damage_recovery_cut_and_refuses_a_directory_that_is_no_spool() {
+    let (dir, _, _) = hostile_spool("cli-cutdamage");
+    let o = cli(&dir, &["verify"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    // A torn tail recovery cut is history, not a problem; a cut of damage
+    // (named so by recovery) is reported until someone moves it out.
+    let cut = dir.join("cut");
+    std::fs::create_dir_all(&cut).unwrap();
+    std::fs::write(cut.join("w000-000000000001.seg-4096-1.bin"), b"torn").unwrap();
+    let o = cli(&dir, &["verify", "--json"]);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (v["cut_files"].as_u64(), v["corrupt"].as_u64()),
+        (Some(1), Some(0)),
+        "{v}"
+    );
+    std::fs::write(cut.join("w000-000000000001.seg-8192-2-damage.bin"), b"x").unwrap();
+    let o = cli(&dir, &["verify"]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("1 corrupt") && out.contains("2 files in cut/"),
+        "{out}"
+    );
+    assert!(
+        out.contains("-damage.bin: recovery cut these bytes from below the committed watermark"),
+        "{out}"
+    );
+
+    let empty = dir.join("not-a-spool");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = cli(&empty, &["verify"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is not a spool"));
+}

@@ -151,7 +151,12 @@ fn a_bad_record_below_the_committed_watermark_is_reported_as_damage() {
         "{text}"
     );
     // Nothing is destroyed: the cut bytes, the damaged record first, are kept.
-    let saved = std::fs::read(c.saved_to.as_ref().unwrap()).unwrap();
+    let path = c.saved_to.as_ref().unwrap();
+    assert!(
+        path.to_string_lossy().ends_with("-damage.bin"),
+        "named as damage, for spool verify: {path:?}"
+    );
+    let saved = std::fs::read(path).unwrap();
     assert_eq!(saved.len() as u64, c.bytes);
 }
 

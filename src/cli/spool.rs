@@ -48,6 +48,11 @@ enum SpoolCommand {
     /// Deliver messages into a directory, one copy per recipient, adding
     /// Return-Path: and Delivered-To: as a delivery agent would.
     Export {
+        /// maildir: DIR/MAILBOX/new/ (one file per delivery, the Maildir
+        /// protocol); mbox: DIR/MAILBOX.mbox (mboxrd, LF line ends);
+        /// eml: DIR/QUEUEID-N.eml (RFC 5322, CRLF). MAILBOX is the
+        /// recipient without its +detail, domain in lower case. Running
+        /// twice delivers nothing twice.
         #[arg(long, value_enum)]
         format: Format,
         /// Target directory (created if missing).
@@ -273,7 +278,43 @@ struct VerifyReport {
     /// Unfinished writes at the end of a segment (never acknowledged; cut by
     /// recovery at the next start).
     torn_tails: u64,
+    /// Files in `cut/`: what recovery cut at earlier starts.
+    cut_files: u64,
+    /// Of those, cuts of damage (below the committed watermark), counted in
+    /// `corrupt` until they are moved out of `cut/`.
+    cut_damage_files: u64,
     problems: Vec<String>,
+}
+
+/// Counts `DIR/cut/`: every file recovery cut, and as corrupt those it cut
+/// from below the committed watermark (damage), which stay reported until
+/// someone has dealt with them and moved them out.
+fn cut_files(dir: &Path, rep: &mut VerifyReport) -> Result<(), String> {
+    let cut = dir.join("cut");
+    let entries = match std::fs::read_dir(&cut) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("listing {}: {e}", cut.display())),
+    };
+    let mut damage = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("listing {}: {e}", cut.display()))?;
+        rep.cut_files += 1;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(lmtp_ingest::spool::recover::DAMAGE_SUFFIX) {
+            damage.push(name);
+        }
+    }
+    damage.sort();
+    for name in damage {
+        rep.cut_damage_files += 1;
+        rep.corrupt += 1;
+        rep.problems.push(format!(
+            "cut/{name}: recovery cut these bytes from below the committed watermark: damage on the disk, and acknowledged mail may be in them (docs/DURABILITY.md, \"Damage\"); once dealt with, move the file out of {}",
+            cut.display()
+        ));
+    }
+    Ok(())
 }
 
 fn verify(dir: &Path, json: bool) -> Result<Outcome, String> {
@@ -283,6 +324,13 @@ fn verify(dir: &Path, json: bool) -> Result<Outcome, String> {
     };
     let segments =
         reader::list_segments(dir).map_err(|e| format!("listing {}: {e}", dir.display()))?;
+    if segments.is_empty() && !dir.join("lock").exists() {
+        return Err(format!(
+            "{} is not a spool (no segments, and no lock file a server would have left): check --spool",
+            dir.display()
+        ));
+    }
+    cut_files(dir, &mut rep)?;
     // Per writer stream: the last sequence number seen (they must increase).
     let mut last_seq: std::collections::HashMap<u16, u64> = std::collections::HashMap::new();
     for info in segments {
@@ -359,14 +407,15 @@ fn verify(dir: &Path, json: bool) -> Result<Outcome, String> {
         println!("{s}");
     } else {
         println!(
-            "{}: {} messages, {} recipients, {} body bytes in {} segments; {} corrupt, {} torn tails",
+            "{}: {} messages, {} recipients, {} body bytes in {} segments; {} corrupt, {} torn tails, {} files in cut/",
             rep.spool,
             rep.messages,
             rep.recipients,
             rep.bytes,
             rep.segments,
             rep.corrupt,
-            rep.torn_tails
+            rep.torn_tails,
+            rep.cut_files
         );
         for p in &rep.problems {
             println!("  {p}");

@@ -205,7 +205,7 @@ pub(crate) fn recover(dir: &Path, storage: &dyn Storage) -> Result<Recovered, Sp
             };
             let below_committed =
                 was.is_some_and(|w| w.segment == at.segment && at.offset < w.offset);
-            let saved_to = save_cut(dir, storage, &info, *offset, bytes)?;
+            let saved_to = save_cut(dir, storage, &info, *offset, bytes, below_committed)?;
             zero_range(storage, &info.path, *offset, bytes)?;
             report.cut.push(CutTail {
                 segment: info.id.file_name(),
@@ -238,13 +238,20 @@ pub(crate) fn recover(dir: &Path, storage: &dyn Storage) -> Result<Recovered, Sp
     })
 }
 
-/// Copies `[offset, offset + len)` of a segment to `DIR/cut/`, synced.
+/// What the name of a cut file ends with when the cut was damage (below the
+/// committed watermark), so that `spool verify` keeps reporting it after
+/// the restart that cut it.
+pub const DAMAGE_SUFFIX: &str = "-damage.bin";
+
+/// Copies `[offset, offset + len)` of a segment to `DIR/cut/`, synced;
+/// named with [`DAMAGE_SUFFIX`] when it is `damage`.
 fn save_cut(
     dir: &Path,
     storage: &dyn Storage,
     info: &SegmentInfo,
     offset: u64,
     len: u64,
+    damage: bool,
 ) -> Result<Option<PathBuf>, SpoolError> {
     if len == 0 {
         return Ok(None);
@@ -260,7 +267,11 @@ fn save_cut(
             .map_err(|e| SpoolError::io("fsync spool dir", e))?;
     }
     let stamp = super::segment::unix_ms(std::time::SystemTime::now());
-    let path = cut_dir.join(format!("{}-{offset}-{stamp}.bin", info.id.file_name()));
+    let end_name = if damage { DAMAGE_SUFFIX } else { ".bin" };
+    let path = cut_dir.join(format!(
+        "{}-{offset}-{stamp}{end_name}",
+        info.id.file_name()
+    ));
     let mut f = std::fs::File::create(&path)
         .map_err(|e| SpoolError::io(format!("create {}", path.display()), e))?;
     f.write_all(&bytes[offset as usize..end])
