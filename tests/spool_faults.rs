@@ -240,3 +240,43 @@ fn a_file_system_without_direct_io_gets_the_same_spool_through_the_page_cache() 
     let (records, _) = reader::read_all(&dir).unwrap();
     assert_eq!(records.len(), 600);
 }
+
+/// A batch written but not synced when the process died reads back sound
+/// from the page cache; recovery publishes it to followers in the watermark,
+/// so it must make it durable first, or a power cut could take back records
+/// a follower has read past.
+#[test]
+fn recovery_syncs_what_it_publishes_to_followers() {
+    use lmtp_ingest::spool::fs::Storage;
+    let dir = spool_dir("recover-sync");
+    let storage = FaultyStorage::new();
+    let mut cfg = config(&dir);
+    cfg.storage = Arc::new(storage.clone());
+    let (spool, _) = Spool::open(cfg.clone()).unwrap();
+    let mut p = spool.producer(None);
+    for n in 0..3 {
+        let CommitOutcome::Committed(_) = p.commit(message(12, 0, n, 800)) else {
+            panic!()
+        };
+    }
+    spool.shutdown();
+    // The kill -9 moment: one more sound record written after the end,
+    // through the storage, and not synced.
+    let (records, scans) = reader::read_all(&dir).unwrap();
+    let last = records.last().unwrap();
+    let (info, scan) = &scans[0];
+    let bytes = std::fs::read(&info.path).unwrap();
+    let rec = bytes[last.offset as usize..(last.offset + last.padded_len) as usize].to_vec();
+    let mut f = storage.open(&info.path).unwrap();
+    f.write_all_at(&rec, scan.end).unwrap();
+    drop(f);
+    assert!(!storage.is_durable(&info.path, scan.end, rec.len() as u64));
+
+    let (spool, report) = Spool::open(cfg).unwrap();
+    spool.shutdown();
+    assert_eq!(report.records, 4, "{report}");
+    assert!(
+        storage.is_durable(&info.path, scan.end, rec.len() as u64),
+        "recovery published a record to followers without syncing it"
+    );
+}

@@ -220,6 +220,21 @@ pub(crate) fn recover(dir: &Path, storage: &dyn Storage) -> Result<Recovered, Sp
         stream.last = Some((info.clone(), scan.end, header));
     }
     // What survived is what followers may read, up to each stream's end.
+    // That end may lie past what the last run synced: a batch written but
+    // not yet synced when the process died is still in the page cache (or
+    // the disk's cache), reads back sound, and was never acknowledged. Sync
+    // each stream's last segment (the only one a writer had unsynced bytes
+    // in) before the watermark says so, or a power cut could take back
+    // records a follower has already read past, and make a later start see
+    // damage below the watermark where there was only a torn write.
+    for stream in streams.values() {
+        if let Some((info, _, _)) = &stream.last {
+            storage
+                .open(&info.path)
+                .and_then(|mut f| f.sync_data())
+                .map_err(io(format!("fdatasync {}", info.path.display())))?;
+        }
+    }
     for (writer, stream) in &streams {
         if let Some((info, end, _)) = &stream.last {
             let w = Watermark {
