@@ -230,6 +230,12 @@ pub fn start(config: &Config) -> Result<Running, String> {
             took_ms,
             "spool open: {report}: records that fail their checks lie below the committed watermark (bytes that had been synced) or in a segment header: damage on the disk, not a torn write, so the cut bytes may hold mail that was acknowledged; fix: check the disk (dmesg, smartctl), keep the files in {dir}/cut/ for the consumers' owners, and see docs/DURABILITY.md (\"Damage\")"
         );
+    } else if report.cut.iter().any(|c| c.sealed) {
+        tracing::warn!(
+            %dir,
+            took_ms,
+            "spool open: {report}: a cut in a segment its writer had left is a batch whose write or sync failed (never acknowledged; the last run logged `spool write failed`), or damage on the disk if it logged no such failure; the bytes are kept in {dir}/cut/ (docs/DURABILITY.md, \"Damage\")"
+        );
     } else if !report.cut.is_empty() {
         tracing::warn!(
             %dir,

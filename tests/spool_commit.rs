@@ -197,6 +197,7 @@ fn torn_tail_is_cut_and_writing_continues_after_it() {
     let saved = report.cut[0].saved_to.clone().unwrap();
     assert_eq!(&std::fs::read(saved).unwrap()[..half.len()], half);
     assert!(!report.cut[0].below_committed, "a torn write: {report}");
+    assert!(!report.cut[0].sealed, "in the stream's last segment: {report}");
     assert!(!report.damage(), "{report}");
     let mut p = spool.producer(None);
     let CommitOutcome::Committed(id6) = p.commit(message(7, 0, 5, 3000)) else {
@@ -374,4 +375,41 @@ fn a_damaged_segment_header_is_reported_and_left_alone() {
         "the damaged segment's sequence is not reused"
     );
     assert_eq!(std::fs::read(&seg.path).unwrap(), bytes, "left as it was");
+}
+
+#[test]
+fn a_cut_in_a_segment_its_writer_had_left_is_not_called_a_crash_tail() {
+    let dir = spool_dir("sealed-cut");
+    let mut cfg = config(&dir);
+    cfg.segment_bytes = 64 << 10;
+    let (spool, _) = Spool::open(cfg.clone()).unwrap();
+    let mut p = spool.producer(None);
+    for n in 0..40 {
+        let CommitOutcome::Committed(_) = p.commit(message(8, 0, n, 3000)) else {
+            panic!()
+        };
+    }
+    spool.shutdown();
+    let (_, scans) = reader::read_all(&dir).unwrap();
+    assert!(scans.len() >= 2, "the writer moved to a second segment");
+    // What a failed batch leaves behind in the segment it then left.
+    let (first, scan) = &scans[0];
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&first.path)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; 700], scan.end).unwrap();
+    drop(f);
+    let (spool, report) = Spool::open(cfg).unwrap();
+    spool.shutdown();
+    assert_eq!(report.cut.len(), 1, "{report}");
+    let c = &report.cut[0];
+    assert!(c.sealed && !c.below_committed, "{report}");
+    assert!(!report.damage(), "{report}");
+    assert!(
+        report
+            .to_string()
+            .contains("in a segment its writer had left"),
+        "{report}"
+    );
 }

@@ -83,6 +83,8 @@ impl std::fmt::Display for RecoveryReport {
             )?;
             if c.below_committed {
                 write!(f, ", below the committed watermark")?;
+            } else if c.sealed {
+                write!(f, ", in a segment its writer had left")?;
             }
             if let Some(p) = &c.saved_to {
                 write!(f, ", saved to {}", p.display())?;
@@ -111,6 +113,10 @@ pub struct CutTail {
     /// those bytes had been synced (and their mail acknowledged), so this
     /// is damage, not a torn write.
     pub below_committed: bool,
+    /// The cut is in a segment its writer had left for a newer one: there
+    /// it is a batch whose write or sync failed (the writer logged `spool
+    /// write failed`), or damage, which recovery cannot tell apart.
+    pub sealed: bool,
 }
 
 /// Where one writer stream stands after recovery.
@@ -215,9 +221,17 @@ pub(crate) fn recover(dir: &Path, storage: &dyn Storage) -> Result<Recovered, Sp
                 valid_after: scan.valid_after_invalid,
                 saved_to,
                 below_committed,
+                sealed: false,
             });
         }
         stream.last = Some((info.clone(), scan.end, header));
+    }
+    for c in &mut report.cut {
+        c.sealed = !streams.values().any(|s| {
+            s.last
+                .as_ref()
+                .is_some_and(|(info, _, _)| info.id.file_name() == c.segment)
+        });
     }
     // What survived is what followers may read, up to each stream's end.
     // That end may lie past what the last run synced: a batch written but
