@@ -438,7 +438,12 @@ impl Config {
             // The message with its place as "line L, column C", not the
             // multi-line caret drawing of `Display`, which a log squashes.
             let place = e.span().map(|sp| {
-                let at = sp.start.min(text.len());
+                let mut at = sp.start.min(text.len());
+                // A span is expected on a character boundary; a reload must
+                // not panic if one is not.
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
                 let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
                 let line = text[..at].matches('\n').count() + 1;
                 let column = text[start..at].chars().count() + 1;

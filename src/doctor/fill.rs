@@ -105,18 +105,26 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len().saturating_sub(1) / 2).copied().unwrap_or(0.0)
 }
 
-/// Where `ratio` (allocation's rate over zero-fill's, per size) first
-/// reaches 1, as log2 of a size: interpolated on log2(size) between the
-/// last loss and the first win; the smallest size when it wins at all;
-/// `None` when it wins at none.
+/// Where `ratio` (allocation's rate over zero-fill's, per size) reaches 1
+/// for good, as log2 of a size: interpolated on log2(size) between the last
+/// size where allocation lost and the next; the smallest size when it won
+/// at all; `None` when it lost at the largest. A win below a later loss (two
+/// ways that tie at small sizes, measured on a noisy disk) does not count.
 pub fn break_even_log2(sizes: &[usize], ratio: &[f64]) -> Option<f64> {
-    let k = ratio.iter().position(|&r| r >= 1.0)?;
+    let wins = |r: f64| r.is_finite() && r >= 1.0;
+    let k = ratio.iter().rposition(|&r| !wins(r)).map_or(0, |i| i + 1);
+    if k >= ratio.len() {
+        return None;
+    }
     let l1 = (sizes[k] as f64).log2();
     if k == 0 {
         return Some(l1);
     }
     let l0 = (sizes[k - 1] as f64).log2();
     let (r0, r1) = (ratio[k - 1], ratio[k]);
+    if !r0.is_finite() {
+        return Some(l1);
+    }
     Some((l0 + (1.0 - r0) / (r1 - r0).max(1e-9) * (l1 - l0)).clamp(l0, l1))
 }
 
@@ -224,6 +232,10 @@ mod tests {
         // Just past the loss: its size; just before the win: the win's.
         assert_eq!(at(&[0.7, 0.99, 1.5, 1.6]), Some(256 << 10));
         assert_eq!(at(&[0.7, 0.5, 1.01, 1.6]), Some(1 << 20));
+        // A win below a loss is a tie measured on a noisy disk.
+        assert_eq!(at(&[1.02, 0.8, 0.9, 1.2]), Some(2 << 20));
+        assert_eq!(at(&[1.1, 1.2, 0.9, 0.95]), None);
+        assert_eq!(at(&[f64::NAN, 1.2, 1.3, 1.4]), Some(256 << 10));
     }
 
     #[test]
