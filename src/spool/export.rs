@@ -10,9 +10,10 @@
 //! - `mbox`: `TO/<mailbox>.mbox`, mboxrd (`>From ` quoting), one `From `
 //!   line per message, synced after each run. Beside each, `TO/.<mailbox>.mbox.ids`
 //!   lists the deliveries it holds (`<queue id>R<recipient index>`, one per
-//!   line, written after the message), so exporting twice does not append
-//!   twice either; a run killed between the two writes may append one copy
-//!   again on the next.
+//!   line, appended only after the mbox is synced, every
+//!   [`MBOX_IDS_EVERY`] deliveries and at the end), so exporting twice does
+//!   not append twice either; a run killed in between appends those copies
+//!   again on the next (a duplicate, never a loss).
 //! - `eml`: `TO/<queue id>-<recipient index>.eml`, one RFC 5322 file per
 //!   delivery, written under a temporary name and renamed.
 //!
@@ -143,11 +144,17 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Deliveries appended to an mbox before it is synced and their keys
+/// listed in its `.ids` file (bounds the keys held in memory per run).
+pub const MBOX_IDS_EVERY: usize = 1024;
+
 /// One mbox being appended to, with the deliveries it already holds.
 struct MboxFile {
     mbox: File,
     ids: File,
     seen: HashSet<String>,
+    /// Keys of deliveries appended but not yet synced and listed.
+    pending: Vec<String>,
 }
 
 impl MboxFile {
@@ -166,7 +173,28 @@ impl MboxFile {
             .create(true)
             .append(true)
             .open(&ids_path)?;
-        Ok(MboxFile { mbox, ids, seen })
+        Ok(MboxFile {
+            mbox,
+            ids,
+            seen,
+            pending: Vec::new(),
+        })
+    }
+
+    /// Syncs the mbox, then lists what it now durably holds: a key never
+    /// reaches `.ids` before its message is on disk, or a power cut could
+    /// leave a key whose message is gone and no later run would write it.
+    fn list_pending(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.mbox.sync_data()?;
+        let mut text = String::with_capacity(self.pending.len() * 32);
+        for k in self.pending.drain(..) {
+            text.push_str(&k);
+            text.push('\n');
+        }
+        self.ids.write_all(text.as_bytes())
     }
 }
 
@@ -274,8 +302,11 @@ impl Exporter {
         }
         out.push(b'\n');
         f.mbox.write_all(&out)?;
-        f.ids.write_all(format!("{key}\n").as_bytes())?;
-        f.seen.insert(key);
+        f.seen.insert(key.clone());
+        f.pending.push(key);
+        if f.pending.len() >= MBOX_IDS_EVERY {
+            f.list_pending()?;
+        }
         Ok(true)
     }
 
@@ -295,7 +326,8 @@ impl Exporter {
 
     /// Syncs what is still open and the target directory.
     pub fn finish(mut self) -> io::Result<ExportSummary> {
-        for (_, f) in self.mbox_files.drain() {
+        for (_, mut f) in self.mbox_files.drain() {
+            f.list_pending()?;
             f.mbox.sync_all()?;
             f.ids.sync_all()?;
         }
