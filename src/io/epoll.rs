@@ -425,7 +425,10 @@ impl Loop<'_> {
                     self.core.input(now, slot, &self.buf[..n]);
                     let s = self.socks[slot].as_mut().expect("live");
                     if n < self.buf.len() && !s.hup {
-                        // Drained: the next data raises a new edge.
+                        // Drained: the next data raises a new edge. (A TCP
+                        // urgent mark also ends a read early with data left;
+                        // LMTP clients send none, and such a connection
+                        // would only wait for its idle timeout.)
                         s.readable = false;
                         again = false;
                         break;

@@ -489,8 +489,10 @@ impl ClientConn {
             Phase::Final => {
                 let idx = self.accepted[self.finals] as usize;
                 let want = &self.templates.recipients[idx];
+                // ASCII case aside: a server may fold the domain (which is
+                // case-insensitive) when it echoes the recipient.
                 if let Some(addr) = named_address(r.line)
-                    && addr != want.as_bytes()
+                    && !addr.eq_ignore_ascii_case(want.as_bytes())
                 {
                     let what = format!(
                         "reply {} of {} after the data names <{}>, expected <{want}> (one reply per recipient, in RCPT order)",
