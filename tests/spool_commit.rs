@@ -197,7 +197,10 @@ fn torn_tail_is_cut_and_writing_continues_after_it() {
     let saved = report.cut[0].saved_to.clone().unwrap();
     assert_eq!(&std::fs::read(saved).unwrap()[..half.len()], half);
     assert!(!report.cut[0].below_committed, "a torn write: {report}");
-    assert!(!report.cut[0].sealed, "in the stream's last segment: {report}");
+    assert!(
+        !report.cut[0].sealed,
+        "in the stream's last segment: {report}"
+    );
     assert!(!report.damage(), "{report}");
     let mut p = spool.producer(None);
     let CommitOutcome::Committed(id6) = p.commit(message(7, 0, 5, 3000)) else {
