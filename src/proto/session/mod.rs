@@ -110,6 +110,12 @@ struct Txn {
     body: Vec<u8>,
     /// Set by the first BDAT; DATA is refused after it.
     bdat: Option<BdatSink>,
+    /// A RCPT of this transaction was refused. A pipelining client sends
+    /// DATA (or BDAT) without waiting for the RCPT replies (RFC 2920 section
+    /// 3.1), so the `503` it then gets, when every recipient was refused, is
+    /// no client error: it does not count toward `bad_commands_max` (else an
+    /// MTA's cached connection is closed after 20 messages to unknown users).
+    rcpt_refused: bool,
 }
 
 /// What the session is reading.
@@ -502,6 +508,20 @@ impl Session {
         self.bad_command();
     }
 
+    /// DATA or BDAT refused: a bad command, unless every recipient was
+    /// refused and the client could not have known (see `Txn::rcpt_refused`).
+    fn refuse_data(&mut self, text: &[u8]) {
+        let after_refused_rcpts = self
+            .txn
+            .as_ref()
+            .is_some_and(|t| t.recipients.is_empty() && t.rcpt_refused);
+        if after_refused_rcpts {
+            self.out.extend_from_slice(text);
+        } else {
+            self.refuse(text);
+        }
+    }
+
     fn mail(&mut self, reverse_path: ReversePath, params: MailParams) {
         if !self.lhlo_seen {
             return self.refuse(reply::NEED_LHLO);
@@ -526,6 +546,7 @@ impl Session {
             recipients: Vec::new(),
             body: Vec::new(),
             bdat: None,
+            rcpt_refused: false,
         });
         self.out.extend_from_slice(reply::MAIL_OK);
     }
@@ -535,6 +556,7 @@ impl Session {
             return self.refuse(reply::NEED_MAIL);
         };
         if txn.recipients.len() >= self.cfg.limits.recipients_max {
+            txn.rcpt_refused = true;
             self.out.extend_from_slice(reply::TOO_MANY_RCPTS);
             return;
         }
@@ -544,8 +566,14 @@ impl Session {
                 txn.recipients.push(rcpt);
                 self.out.extend_from_slice(reply::RCPT_OK);
             }
-            RcptVerdict::Unknown => reply::user_unknown(&mut self.out, &rcpt.mailbox.address()),
-            RcptVerdict::TempFail => reply::rcpt_tempfail(&mut self.out, &rcpt.mailbox.address()),
+            RcptVerdict::Unknown => {
+                txn.rcpt_refused = true;
+                reply::user_unknown(&mut self.out, &rcpt.mailbox.address())
+            }
+            RcptVerdict::TempFail => {
+                txn.rcpt_refused = true;
+                reply::rcpt_tempfail(&mut self.out, &rcpt.mailbox.address())
+            }
         }
     }
 
@@ -560,7 +588,7 @@ impl Session {
             Some(_) => None,
         };
         if let Some(text) = refusal {
-            return self.refuse(text);
+            return self.refuse_data(text);
         }
         let limits = &self.cfg.limits;
         let txn = self.txn.as_mut().expect("checked above");
@@ -615,7 +643,7 @@ impl Session {
             unreachable!("end_chunk outside a BDAT chunk");
         };
         if let Some(text) = refusal {
-            return self.refuse(text);
+            return self.refuse_data(text);
         }
         if !last {
             reply::bdat_chunk(&mut self.out, size);

@@ -565,6 +565,52 @@ fn policy_rejects_some_recipients_of_a_transaction() {
     assert_eq!(h.messages[0].envelope.recipients.len(), 1);
 }
 
+/// A pipelining MTA sends DATA (or BDAT) before it sees its RCPTs refused;
+/// the `503` for a transaction whose every recipient was refused is not its
+/// error, so a cached connection carrying many mails to unknown users is not
+/// closed with `421` (Postfix's lmtp client pipelines exactly so). DATA
+/// after no RCPT at all still counts.
+#[test]
+fn data_after_refused_recipients_is_not_a_client_error() {
+    let limits = || {
+        let mut c = small_limits();
+        c.policy = Arc::new(Table);
+        c
+    };
+    let mut input = b"LHLO c\r\n".to_vec();
+    for _ in 0..5 {
+        input.extend_from_slice(b"MAIL FROM:<s@x>\r\nRCPT TO:<nobody@x>\r\nDATA\r\nRSET\r\n");
+        input.extend_from_slice(
+            b"MAIL FROM:<s@x>\r\nRCPT TO:<flaky@x>\r\nBDAT 3 LAST\r\nabcRSET\r\n",
+        );
+    }
+    input.extend_from_slice(b"MAIL FROM:<s@x>\r\nRCPT TO:<known@x>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n");
+    let h = transcript_with(limits, &input);
+    let t = h.text();
+    assert!(!t.contains("421"), "{t}");
+    assert_eq!(
+        t.matches("503 5.5.1 Error: no valid recipients").count(),
+        10,
+        "{t}"
+    );
+    assert!(
+        t.ends_with(&format!("{}221 2.0.0 Bye\r\n", saved("known@x", 1))),
+        "{t}"
+    );
+    assert_eq!(h.messages.len(), 1);
+    // Without any RCPT, DATA is a sequence error and counts (3 allowed).
+    let h = transcript_with(
+        limits,
+        b"LHLO c\r\nMAIL FROM:<s@x>\r\nDATA\r\nRSET\r\nMAIL FROM:<s@x>\r\nDATA\r\nRSET\r\nMAIL FROM:<s@x>\r\nDATA\r\n",
+    );
+    assert!(
+        h.text()
+            .ends_with("421 4.7.0 mx.test Error: too many errors, closing connection\r\n"),
+        "{}",
+        h.text()
+    );
+}
+
 #[test]
 fn callout_verification_stores_nothing() {
     let h = transcript_with(
