@@ -529,3 +529,50 @@ fn a_follower_that_cannot_write_its_consumer_file_names_the_path_and_the_fix() {
     assert!(err.contains("run it as the spool's owner"), "{err}");
     assert!(err.contains("permissions"), "{err}");
 }
+
+/// SIGTERM (`systemctl stop`) while a command runs: the follower waits for
+/// it, saves its position and exits 0, so the message it handled is not
+/// handed over again (it was before: killed at once, the command orphaned,
+/// its message offered again).
+#[test]
+fn sigterm_lets_the_running_command_finish_and_saves_its_position() {
+    let dir = spool_dir("follow-sigterm");
+    let (spool, _) = Spool::open(config(&dir)).unwrap();
+    let ids = commit_n(&spool, 63, 6, 200);
+    spool.shutdown();
+    let log = dir.join("handled");
+    let hook = format!("sleep 0.3; echo $LMTP_QUEUE_ID >> {}", log.display());
+    let child = follow_cmd(&dir, &["--consumer", "svc", "--exec", &hook])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    // SAFETY: kill on the pid of a child we started and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("stopped by a signal"));
+    let handled = std::fs::read_to_string(&log).unwrap();
+    let first = handled.lines().count();
+    assert!((1..6).contains(&first), "{handled}");
+    // The next run starts after the last handled message: no repeats.
+    let o = follow_cmd(
+        &dir,
+        &["--consumer", "svc", "--exit-when-idle", "--exec", &hook],
+    )
+    .output()
+    .unwrap();
+    assert!(o.status.success());
+    let all: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let want: Vec<String> = ids.iter().map(|(id, _)| id.to_string()).collect();
+    assert_eq!(all, want, "each message handled once, in order");
+}

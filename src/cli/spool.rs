@@ -502,6 +502,36 @@ struct FollowLine<'a> {
     body_base64: String,
 }
 
+/// Set by SIGTERM or SIGINT while `follow` runs: stop after the message in
+/// hand (its command finished, its position saved).
+static FOLLOW_STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn follow_stop(_: libc::c_int) {
+    // Async-signal-safe: one atomic store.
+    FOLLOW_STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// SIGTERM and SIGINT set [`FOLLOW_STOP`] instead of killing the follower
+/// mid-message (`systemctl stop`, Ctrl-C).
+fn catch_stop_signals() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: a zeroed sigaction is a valid value; the handler only
+        // stores to an atomic; SA_RESTART resumes interrupted reads, writes
+        // and waits.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = follow_stop as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+fn stopping() -> bool {
+    FOLLOW_STOP.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 fn follow(dir: &Path, args: &FollowArgs) -> Result<Outcome, String> {
     // `cli::main` restores SIGPIPE's default for the spool tools (so that
     // `spool ls | head` just stops); a follower must not have it. An --exec
@@ -516,10 +546,18 @@ fn follow(dir: &Path, args: &FollowArgs) -> Result<Outcome, String> {
     // Its errors name the consumer (and, when another follower holds it,
     // that one's pid).
     let mut f = Follower::open(dir, &args.consumer, args.from).map_err(|e| e.to_string())?;
+    catch_stop_signals();
     let stdout = std::io::stdout();
     let mut count = 0u64;
     let limit = args.limit.unwrap_or(u64::MAX);
     while count < limit {
+        if stopping() {
+            eprintln!(
+                "lmtp-ingest: consumer {}: stopped by a signal after {count} message(s), position saved",
+                args.consumer
+            );
+            break;
+        }
         let want = (limit - count).min(if args.exec.is_some() { 1 } else { 256 }) as usize;
         let batch = f
             .poll(want)
@@ -528,7 +566,11 @@ fn follow(dir: &Path, args: &FollowArgs) -> Result<Outcome, String> {
             if args.exit_when_idle {
                 break;
             }
-            std::thread::sleep(std::time::Duration::from_millis(args.poll_ms));
+            // In short steps, so that a stop signal is not kept waiting.
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(args.poll_ms);
+            while !stopping() && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
             continue;
         }
         for r in &batch {
