@@ -403,7 +403,31 @@ fn verify_keeps_reporting_damage_recovery_cut_and_refuses_a_directory_that_is_no
 
     let empty = dir.join("not-a-spool");
     std::fs::create_dir_all(&empty).unwrap();
-    let o = cli(&empty, &["verify"]);
+    for args in [
+        &["verify"][..],
+        &["ls"],
+        &["follow", "--consumer", "c", "--exit-when-idle"],
+    ] {
+        let o = cli(&empty, args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("is not a spool"),
+            "{args:?}"
+        );
+    }
+    assert!(
+        !empty.join("consumers").exists(),
+        "follow made nothing in a directory that is no spool"
+    );
+    // Naming the directory that holds the spool gets a hint.
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::os::unix::fs::symlink(&dir, state.join("spool")).unwrap();
+    let o = cli(&state, &["ls"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("is not a spool"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("did you mean") && err.contains("state/spool"),
+        "{err}"
+    );
 }

@@ -103,6 +103,7 @@ pub fn run(args: SpoolArgs) -> Result<Outcome, String> {
             dir.display()
         ));
     }
+    looks_like_a_spool(dir)?;
     match args.command {
         SpoolCommand::Ls { json } => ls(dir, json),
         SpoolCommand::Show { id } => show(dir, &id),
@@ -110,6 +111,31 @@ pub fn run(args: SpoolArgs) -> Result<Outcome, String> {
         SpoolCommand::Export { format, to, ids } => export(dir, format, &to, &ids),
         SpoolCommand::Follow(f) => follow(dir, &f),
     }
+}
+
+/// A directory that no server ever opened (no `lock` file) and that holds
+/// no segment is not a spool: most likely `--spool` names its parent (the
+/// systemd unit's state directory holds `spool/`). Refused, so that `ls`
+/// does not print nothing with exit 0 and `follow` does not make a
+/// `consumers/` directory there and wait forever.
+fn looks_like_a_spool(dir: &Path) -> Result<(), String> {
+    if dir.join("lock").exists() {
+        return Ok(());
+    }
+    let segments =
+        reader::list_segments(dir).map_err(|e| format!("listing {}: {e}", dir.display()))?;
+    if segments.is_empty() {
+        let hint = if dir.join("spool").join("lock").exists() {
+            format!(" (did you mean {}?)", dir.join("spool").display())
+        } else {
+            String::new()
+        };
+        return Err(format!(
+            "{} is not a spool (no segments, and no lock file a server would have left){hint}: check --spool",
+            dir.display()
+        ));
+    }
+    Ok(())
 }
 
 fn sender(r: &ReversePath) -> String {
@@ -324,12 +350,6 @@ fn verify(dir: &Path, json: bool) -> Result<Outcome, String> {
     };
     let segments =
         reader::list_segments(dir).map_err(|e| format!("listing {}: {e}", dir.display()))?;
-    if segments.is_empty() && !dir.join("lock").exists() {
-        return Err(format!(
-            "{} is not a spool (no segments, and no lock file a server would have left): check --spool",
-            dir.display()
-        ));
-    }
     cut_files(dir, &mut rep)?;
     // Per writer stream: the last sequence number seen (they must increase).
     let mut last_seq: std::collections::HashMap<u16, u64> = std::collections::HashMap::new();
