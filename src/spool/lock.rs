@@ -39,7 +39,10 @@ pub fn lock_spool(dir: &Path) -> Result<SpoolLock, SpoolError> {
                 dir: dir.to_path_buf(),
                 // SAFETY: geteuid has no preconditions and touches no memory.
                 uid: unsafe { libc::geteuid() },
-                owner: std::fs::metadata(dir)
+                // The lock file's owner when it exists (a spool first run by
+                // another user), else the directory's.
+                owner: std::fs::metadata(&path)
+                    .or_else(|_| std::fs::metadata(dir))
                     .map(|m| std::os::unix::fs::MetadataExt::uid(&m).to_string())
                     .unwrap_or_else(|_| "unknown".into()),
             },

@@ -281,7 +281,7 @@ pub enum SpoolError {
     #[error("bad spool configuration: {0}")]
     Config(String),
     #[error(
-        "{path}: permission denied: this process runs as uid {uid} and {dir} is owned by uid {owner}; run the server (or tool) as the spool's owner (e.g. `runuser -u USER -- lmtp-ingest ...`), or give this user the directory (`chown -R`)"
+        "{path}: permission denied: this process runs as uid {uid} and the spool's files are owned by uid {owner}; run the server (or tool) as the spool's owner (e.g. `runuser -u USER -- lmtp-ingest ...`), or give this user all of {dir} (`chown -R USER {dir}`: a spool first run as another user keeps that user's files)"
     )]
     Permission {
         path: PathBuf,
