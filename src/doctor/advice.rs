@@ -243,7 +243,7 @@ fn segment_fill(config: &Config, f: &FsyncReport) -> Advice {
         (None, _) | (_, None) => advice(
             "segment_fill",
             format!(
-                "zeros: allocated segments stored batches slower than zero-filled ones at every size up to {} ({}), the zero-fill counted, so allocation never pays on this disk ({configured})",
+                "zero-fill every segment: allocated segments stored batches slower than zero-filled ones at every size up to {} ({}), the zero-fill counted, so allocation never pays on this disk ({configured})",
                 kib(*fill::SIZES.last().expect("sizes") as u64),
                 measured(r)
             ),
@@ -252,8 +252,13 @@ fn segment_fill(config: &Config, f: &FsyncReport) -> Advice {
         (Some(log2), Some(from)) => {
             let cur = (s.allocate_from_batch_bytes as f64).log2();
             let off = forced || (log2 - cur).abs() >= FILL_LINE_MOVE_LOG2;
+            let verdict = if off {
+                format!("set the line to {}", kib(from))
+            } else {
+                "keep the configured line".to_string()
+            };
             let text = format!(
-                "auto, allocating from batches of about {}: there allocated segments start to store batches faster than zero-filled ones, the zero-fill counted ({}); smaller batches commit more cheaply into zeroed blocks (docs/BENCHMARKS.md, \"Ninth session\") ({configured})",
+                "{verdict}: measured here, allocated segments store batches faster than zero-filled ones from about {} on, the zero-fill counted ({}); smaller batches commit more cheaply into zeroed blocks (docs/BENCHMARKS.md, \"Ninth session\" and \"Tenth session\") ({configured})",
                 kib(from),
                 measured(r)
             );
