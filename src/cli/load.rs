@@ -219,9 +219,9 @@ pub fn run(args: LoadArgs) -> Result<Outcome, String> {
     let Some(sw) = &args.sweep else {
         let r = run_one(&base, "")?;
         if args.json {
-            println!("{}", r.to_json());
+            emit(format!("{}\n", r.to_json()));
         } else {
-            print!("{}", r.text());
+            emit(r.text());
         }
         return Ok(verdict(&[&r], args.allow_failures));
     };
@@ -238,8 +238,8 @@ pub fn run(args: LoadArgs) -> Result<Outcome, String> {
         let label = format!("[{}/{}] {}={v}: ", i + 1, sw.values.len(), sw.key.name());
         let r = run_one(&cfg, &label)?;
         if !args.json {
-            println!("== {}={v}", sw.key.name());
-            print!("{}", r.text());
+            emit(format!("== {}={v}\n", sw.key.name()));
+            emit(r.text());
         }
         points.push((v, r));
     }
@@ -264,9 +264,13 @@ pub fn run(args: LoadArgs) -> Result<Outcome, String> {
             "svg": svg_path.display().to_string(),
             "points": points.iter().map(|(v, r)| serde_json::json!({"value": v, "result": r.to_json()})).collect::<Vec<_>>(),
         });
-        println!("{v}");
+        emit(format!("{v}\n"));
     } else {
-        println!("wrote {} and {}", csv_path.display(), svg_path.display());
+        emit(format!(
+            "wrote {} and {}\n",
+            csv_path.display(),
+            svg_path.display()
+        ));
     }
     let reports: Vec<&LoadReport> = points.iter().map(|(_, r)| r).collect();
     Ok(verdict(&reports, args.allow_failures))
@@ -301,6 +305,24 @@ fn subtitle(c: &LoadConfig, sw: &Sweep) -> String {
     }
     parts.push(when.get(..16).unwrap_or(&when).replace('T', " ") + " UTC");
     parts.join(", ")
+}
+
+/// Writes results to stdout. A reader that went away (`load ... | head`)
+/// ends the run quietly with status 1, as a Unix tool would, instead of the
+/// panic `println!` gives (SIGPIPE stays ignored: the generator's sockets
+/// must not kill it when a server closes them).
+fn emit(text: impl AsRef<str>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let r = out
+        .write_all(text.as_ref().as_bytes())
+        .and_then(|_| out.flush());
+    if let Err(e) = r {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("lmtp-ingest load: writing the results: {e}");
+        }
+        std::process::exit(1);
+    }
 }
 
 fn verdict(reports: &[&LoadReport], allow_failures: bool) -> Outcome {
