@@ -115,14 +115,45 @@ impl Drop for LogGuard {
     }
 }
 
+/// A bare word in `RUST_LOG` (no `=`) that is neither a level nor one of
+/// this server's targets: `RUST_LOG=inof` would otherwise silence the log.
+/// Directives with `=` or span filters are left to `tracing`.
+fn rust_log_typo(v: &str) -> Option<String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty() && !d.contains('=') && !d.contains('['))
+        .find(|d| {
+            let level = config::LOG_LEVELS.iter().any(|l| l.eq_ignore_ascii_case(d));
+            let ours = *d == "delivery" || *d == "lmtp_ingest" || d.starts_with("lmtp_ingest::");
+            !level && !ours
+        })
+        .map(str::to_string)
+}
+
 /// Installs the subscriber: filter from `RUST_LOG`, else `log.level`
 /// (default `info`, read by [`config::log_filter`], the same function that
 /// checks it); `log.format = "json"` writes JSON objects. A bad `log.level`
 /// logs at `info` here and is reported by `Config::check` (run by the
 /// server right after), which stops the start.
 pub fn init(config: &Config) -> LogGuard {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| config::log_filter(&config.log.level))
+    let from_env = match std::env::var("RUST_LOG") {
+        Ok(v) => match rust_log_typo(&v) {
+            Some(word) => {
+                // Taken as a target that no line has, it would turn every
+                // line off, silently.
+                eprintln!(
+                    "lmtp-ingest: RUST_LOG={v:?}: '{word}' is not a log level, and as a target it matches no line of this server, so nothing would be logged; ignoring RUST_LOG, using log.level ({:?}); fix: RUST_LOG=info, or a directive such as \"warn,delivery=info\"",
+                    config.log.level
+                );
+                None
+            }
+            None => tracing_subscriber::EnvFilter::try_from_default_env().ok(),
+        },
+        Err(_) => None,
+    };
+    let filter = from_env
+        .map(Ok)
+        .unwrap_or_else(|| config::log_filter(&config.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let shared = Arc::new(Shared {
         pending: Mutex::new(Pending {
@@ -269,5 +300,22 @@ mod tests {
         s.push(b"a message's\nthree delivery\nlines\n");
         assert_eq!(s.dropped.load(Ordering::Relaxed), 5);
         assert_eq!(s.lock().bytes.len(), BUFFER_BYTES_MAX);
+    }
+
+    #[test]
+    fn rust_log_typos_are_caught_and_directives_left_alone() {
+        assert_eq!(rust_log_typo("inof").as_deref(), Some("inof"));
+        assert_eq!(rust_log_typo("warn,delivry").as_deref(), Some("delivry"));
+        for ok in [
+            "info",
+            "WARN",
+            "warn,delivery=info",
+            "lmtp_ingest::spool",
+            "io_uring=debug",
+            "[span]=trace",
+            "",
+        ] {
+            assert_eq!(rust_log_typo(ok), None, "{ok}");
+        }
     }
 }
