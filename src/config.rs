@@ -524,10 +524,10 @@ impl Config {
                     bad(
                         "server.unix_socket_mode",
                         format!(
-                            "'{}' is not an octal file mode",
+                            "'{}' is not an octal permission mode of 0 to 0777 (setuid, setgid and sticky bits mean nothing on a socket)",
                             self.server.unix_socket_mode
                         ),
-                        "write it like \"0660\"",
+                        "write it like \"0660\" (the MTA's user in the socket's group)",
                     )
                 })?;
         let l = &self.limits;
@@ -654,6 +654,20 @@ impl Config {
             })?),
         };
         let mut warnings = Vec::new();
+        let unix_listener = listen.iter().any(|l| l.to_string().starts_with("unix:"));
+        if unix_listener && unix_socket_mode & 0o002 != 0 {
+            warnings.push(
+                bad(
+                    "server.unix_socket_mode",
+                    format!(
+                        "{:04o} lets every user of this machine connect to the UNIX socket, and so deliver mail that gets a durable 250 (LMTP has no authentication)",
+                        unix_socket_mode
+                    ),
+                    "0660 (the default) with the MTA's user in the socket's group (server.unix_socket_group)",
+                )
+                .to_string(),
+            );
+        }
         // Not refused, unlike an LMTP listener without an allow-list: the
         // endpoint only reads counters (nobody can deliver through it), and
         // refusing would stop servers that run this way today. See
@@ -979,6 +993,25 @@ mod tests {
             e.starts_with("spool.segment_fill:") && e.contains("\"zeros\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_socket_everyone_may_write_is_warned_about() {
+        let c = Config::from_toml(
+            "[server]\nlisten = \"unix:/run/x/lmtp.sock\"\nunix_socket_mode = \"0666\"\n",
+        )
+        .unwrap();
+        let w = c.check().unwrap().warnings;
+        assert!(
+            w.iter()
+                .any(|w| w.starts_with("server.unix_socket_mode: 0666 lets every user")),
+            "{w:?}"
+        );
+        let c = Config::from_toml("[server]\nlisten = \"unix:/run/x/lmtp.sock\"\n").unwrap();
+        assert!(c.check().unwrap().warnings.is_empty());
+        let c = Config::from_toml("[server]\nunix_socket_mode = \"4777\"\n").unwrap();
+        let e = c.check().unwrap_err().to_string();
+        assert!(e.contains("0 to 0777") && e.contains("0660"), "{e}");
     }
 
     #[test]
