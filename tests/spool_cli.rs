@@ -431,3 +431,37 @@ fn verify_keeps_reporting_damage_recovery_cut_and_refuses_a_directory_that_is_no
         "{err}"
     );
 }
+
+#[test]
+fn ls_says_when_damage_hides_messages() {
+    let dir = spool_dir("cli-ls-damage");
+    let (spool, _) = Spool::open(config(&dir)).unwrap();
+    let mut p = spool.producer(None);
+    for n in 0..5 {
+        let CommitOutcome::Committed(_) = p.commit(message(44, 0, n, 2000)) else {
+            panic!()
+        };
+    }
+    spool.shutdown();
+    let (records, scans) = reader::read_all(&dir).unwrap();
+    let third = &records[2];
+    let at = third.offset + third.padded_len / 2;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&scans[0].0.path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, at).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[b[0] ^ 0x01], at).unwrap();
+    drop(f);
+    let o = cli(&dir, &["ls"]);
+    assert_eq!(o.status.code(), Some(1));
+    let listed = String::from_utf8_lossy(&o.stdout).lines().count() - 1;
+    assert_eq!(listed, 2, "the two before the damage");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("damaged record") && err.contains("spool verify"),
+        "{err}"
+    );
+}

@@ -176,6 +176,7 @@ fn ls(dir: &Path, json: bool) -> Result<Outcome, String> {
         .map_err(out_err)?;
     }
     let mut write_err = None;
+    let mut damaged = false;
     for info in segments {
         let scanned = reader::scan_segment(&info.path, |_, _, v| {
             if write_err.is_some() {
@@ -206,20 +207,40 @@ fn ls(dir: &Path, json: bool) -> Result<Outcome, String> {
                 write_err = Some(err);
             }
         });
-        match scanned {
-            Ok(_) => {}
+        let scan = match scanned {
+            Ok(scan) => scan,
             Err(e) if reader::is_gone(&e) => continue, // removed by retention
             Err(e) => return Err(format!("reading {}: {e}", info.path.display())),
-        }
+        };
         if let Some(e) = write_err.take() {
             return Err(out_err(e));
+        }
+        // Records after a bad one are not listed. Past the committed
+        // watermark that is a batch being written (or a crash's tail); below
+        // it, damage, and the listing is short: say so.
+        if let Some((offset, err)) = &scan.invalid {
+            let below = watermark::read(dir, info.id.writer)
+                .ok()
+                .flatten()
+                .is_some_and(|wm| (info.id.index, *offset) < (wm.segment, wm.offset));
+            if below {
+                damaged = true;
+                eprintln!(
+                    "lmtp-ingest: {} offset {offset}: damaged record ({err}); the messages after it in that segment are not listed: run `lmtp-ingest spool verify` (docs/DURABILITY.md, \"Damage\")",
+                    info.id
+                );
+            }
         }
     }
     if json {
         out.write_all(b"\n]\n").map_err(out_err)?;
     }
     out.flush().map_err(out_err)?;
-    Ok(Outcome::Ok)
+    Ok(if damaged {
+        Outcome::Problem
+    } else {
+        Outcome::Ok
+    })
 }
 
 fn parse_id(id: &str) -> Result<QueueId, String> {
