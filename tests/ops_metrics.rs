@@ -313,3 +313,46 @@ fn a_metrics_endpoint_off_loopback_is_warned_about() {
         assert!(server.stop().success());
     }
 }
+
+/// A consumer's standing: segments it has not passed and the age of its
+/// saved position, so a forgotten `spool follow --consumer` (which keeps
+/// retention from removing anything) shows on a dashboard.
+#[test]
+fn consumers_show_how_far_behind_they_are() {
+    let dir = test_dir("ops-metrics-consumers");
+    let c = dir.join("config.toml");
+    std::fs::write(&c, "[metrics]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+    let mut server = Server::start_in(&dir, "epoll", &["--config", &c.display().to_string()]);
+    let _dir = RemoveOnDrop(server.dir.clone());
+    let line = server
+        .wait_log("metrics endpoint listening", Duration::from_secs(10))
+        .unwrap();
+    let at = line.find("http://").unwrap() + 7;
+    let metrics = line[at..].split('/').next().unwrap().to_string();
+    assert!(
+        !scrape(&metrics)
+            .keys()
+            .any(|k| k.starts_with("lmtp_ingest_consumer_")),
+        "no consumer, no series"
+    );
+    let mut client = Client::tcp(&server.addr()).unwrap();
+    client.cmd("LHLO t", "250").unwrap();
+    for n in 0..3 {
+        client
+            .deliver("s@x.org", &["r@x.org".into()], &body_for(n, 500))
+            .unwrap();
+    }
+    let o = std::process::Command::new(server_util::BIN)
+        .args(["spool", "--spool"])
+        .arg(&server.spool)
+        .args(["follow", "--consumer", "archive", "--limit", "1"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = scrape(&metrics);
+    let behind = m["lmtp_ingest_consumer_segments_behind{consumer=\"archive\"}"];
+    assert!(behind >= 1.0, "{m:?}");
+    let age = m["lmtp_ingest_consumer_saved_age_seconds{consumer=\"archive\"}"];
+    assert!(age < 60.0, "{age}");
+    assert!(server.stop().success());
+}

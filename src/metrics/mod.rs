@@ -376,6 +376,32 @@ impl Registry {
             self.spool.spool_bytes(),
         );
 
+        let consumers = self.spool.consumers();
+        if !consumers.is_empty() {
+            let _ = writeln!(
+                out,
+                "# HELP lmtp_ingest_consumer_segments_behind Spool segments a registered consumer (spool follow --consumer) has not passed, the one it reads included: retention keeps them for it. Growing without end: the consumer is stuck or forgotten.\n# TYPE lmtp_ingest_consumer_segments_behind gauge"
+            );
+            for c in &consumers {
+                let _ = writeln!(
+                    out,
+                    "lmtp_ingest_consumer_segments_behind{{consumer=\"{}\"}} {}",
+                    c.name, c.segments_behind
+                );
+            }
+            let _ = writeln!(
+                out,
+                "# HELP lmtp_ingest_consumer_saved_age_seconds Seconds since a registered consumer last saved its position.\n# TYPE lmtp_ingest_consumer_saved_age_seconds gauge"
+            );
+            for c in &consumers {
+                let _ = writeln!(
+                    out,
+                    "lmtp_ingest_consumer_saved_age_seconds{{consumer=\"{}\"}} {}",
+                    c.name, c.saved_age_s
+                );
+            }
+        }
+
         let _ = writeln!(
             out,
             "# HELP lmtp_ingest_replies_total Replies sent, by code (final lines only).\n# TYPE lmtp_ingest_replies_total counter"

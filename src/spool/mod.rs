@@ -413,10 +413,61 @@ pub struct MetricsSource {
     shared: Arc<Shared>,
 }
 
+/// One consumer's standing, for the metrics endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerLag {
+    pub name: String,
+    /// Segments (in all streams) the consumer has not passed, the one it is
+    /// reading included.
+    pub segments_behind: u64,
+    /// Seconds since its position was last saved.
+    pub saved_age_s: u64,
+}
+
 impl MetricsSource {
     /// Each writer's counters.
     pub fn writers(&self) -> &[Arc<WriterStats>] {
         &self.shared.stats
+    }
+
+    /// Each registered consumer (`spool follow --consumer`): how many
+    /// segments it has not yet passed (what retention keeps for it), and
+    /// seconds since it last saved its position. Read from
+    /// `consumers/*.json` on each call; a consumer file that cannot be read
+    /// is left out.
+    pub fn consumers(&self) -> Vec<ConsumerLag> {
+        let dir = &self.shared.config.dir;
+        let Ok(consumers) = follow::load_consumers(dir) else {
+            return Vec::new();
+        };
+        let segments = reader::list_segments(dir).unwrap_or_default();
+        let now = std::time::SystemTime::now();
+        consumers
+            .into_iter()
+            // The name becomes a label value: only names `follow` accepts.
+            .filter(|c| follow::valid_consumer_name(&c.name))
+            .map(|c| {
+                let behind = segments
+                    .iter()
+                    .filter(|s| {
+                        c.positions
+                            .get(&s.id.writer)
+                            .is_none_or(|p| p.segment <= s.id.index)
+                    })
+                    .count() as u64;
+                let file = follow::consumers_dir(dir).join(format!("{}.json", c.name));
+                let saved_age_s = std::fs::metadata(file)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| now.duration_since(t).ok())
+                    .map_or(0, |d| d.as_secs());
+                ConsumerLag {
+                    name: c.name,
+                    segments_behind: behind,
+                    saved_age_s,
+                }
+            })
+            .collect()
     }
 
     /// Messages queued for the writers now.
