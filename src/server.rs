@@ -123,6 +123,19 @@ impl Running {
         for h in self.handles {
             let _ = h.join();
         }
+        // The shards closed the listeners: remove our UNIX socket files, so
+        // an MTA gets "no such file" rather than "connection refused" and
+        // nothing stale is left. Only a socket nobody accepts on any more.
+        for a in &self.bound {
+            if let listen::ListenAddr::Unix(path) = a {
+                use std::os::unix::fs::FileTypeExt;
+                let is_socket =
+                    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+                if is_socket && std::os::unix::net::UnixStream::connect(path).is_err() {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
         if let Some(m) = self.metrics {
             m.stop();
         }

@@ -61,5 +61,9 @@ fn smtplib_over_tcp_and_unix() {
             "SIGTERM ends the server with status 0: {status:?}"
         );
         assert!(server.log_lines.iter().any(|l| l.contains("stopped")));
+        assert!(
+            !server.socket.exists(),
+            "a clean stop removes the UNIX socket file"
+        );
     }
 }
