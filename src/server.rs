@@ -349,6 +349,7 @@ pub fn start(config: &Config) -> Result<Running, String> {
             let registry = crate::metrics::Registry {
                 shards: shard_metrics,
                 spool: spool.metrics_source(),
+                policy: policy.clone(),
             };
             let m = crate::metrics::http::MetricsServer::start(listener, registry)?;
             tracing::info!(addr = %m.addr, "metrics endpoint listening: http://{}/metrics", m.addr);

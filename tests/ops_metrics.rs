@@ -350,6 +350,11 @@ fn consumers_show_how_far_behind_they_are() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let m = scrape(&metrics);
+    // No table here: the reload counters are there, at 0.
+    assert_eq!(
+        m["lmtp_ingest_table_reloads_total{result=\"refused\"}"],
+        0.0
+    );
     let behind = m["lmtp_ingest_consumer_segments_behind{consumer=\"archive\"}"];
     assert!(behind >= 1.0, "{m:?}");
     let age = m["lmtp_ingest_consumer_saved_age_seconds{consumer=\"archive\"}"];

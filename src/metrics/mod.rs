@@ -196,6 +196,8 @@ impl ShardMetrics {
 pub struct Registry {
     pub shards: Vec<Arc<ShardMetrics>>,
     pub spool: MetricsSource,
+    /// The recipient policy (its table's reload counts).
+    pub policy: Arc<crate::policy::Policy>,
 }
 
 fn counter(out: &mut String, name: &str, help: &str, kind: &str, value: u64) {
@@ -374,6 +376,20 @@ impl Registry {
             "Bytes of spool segment files.",
             "gauge",
             self.spool.spool_bytes(),
+        );
+
+        labelled_counter(
+            &mut out,
+            "lmtp_ingest_table_reloads_total",
+            "SIGHUP reloads of the recipient table (policy.recipients = \"table\"): result=\"ok\" (the new table answers from now on), result=\"refused\" (it did not parse or was empty; the previous table stays, and the log says why).",
+            "result",
+            &[
+                ("ok", self.policy.reloads_ok.load(Ordering::Relaxed)),
+                (
+                    "refused",
+                    self.policy.reloads_refused.load(Ordering::Relaxed),
+                ),
+            ],
         );
 
         let consumers = self.spool.consumers();

@@ -57,6 +57,10 @@ enum Rules {
 /// The recipient policy the server runs with; shared by every shard.
 pub struct Policy {
     rules: Rules,
+    /// SIGHUP reloads of the table that took effect, and that were refused
+    /// (the old table stayed), for the metrics endpoint.
+    pub reloads_ok: std::sync::atomic::AtomicU64,
+    pub reloads_refused: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Policy {
@@ -77,31 +81,32 @@ pub struct Loaded {
 const DOMAIN_BYTES_MAX: usize = 255;
 
 impl Policy {
+    fn with(rules: Rules) -> Policy {
+        Policy {
+            rules,
+            reloads_ok: Default::default(),
+            reloads_refused: Default::default(),
+        }
+    }
+
     /// Builds the policy; a table is loaded now (start-up refuses a bad one).
     pub fn new(spec: &PolicySpec) -> Result<(Policy, Option<Loaded>), TableError> {
         Ok(match spec {
-            PolicySpec::AcceptAll => (
-                Policy {
-                    rules: Rules::AcceptAll,
-                },
-                None,
-            ),
+            PolicySpec::AcceptAll => (Policy::with(Rules::AcceptAll), None),
             PolicySpec::Domains(d) => (
-                Policy {
-                    rules: Rules::Domains(d.iter().map(|d| d.to_ascii_lowercase()).collect()),
-                },
+                Policy::with(Rules::Domains(
+                    d.iter().map(|d| d.to_ascii_lowercase()).collect(),
+                )),
                 None,
             ),
             PolicySpec::Table { path, entries_max } => {
                 let (table, loaded) = load(path, *entries_max)?;
                 (
-                    Policy {
-                        rules: Rules::Table {
-                            path: path.clone(),
-                            entries_max: *entries_max,
-                            current: RwLock::new(table),
-                        },
-                    },
+                    Policy::with(Rules::Table {
+                        path: path.clone(),
+                        entries_max: *entries_max,
+                        current: RwLock::new(table),
+                    }),
                     Some(loaded),
                 )
             }
@@ -132,7 +137,13 @@ impl Policy {
         else {
             return Ok(None);
         };
-        let (table, loaded) = load(path, *entries_max)?;
+        let counted = |c: &std::sync::atomic::AtomicU64| {
+            c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        };
+        let (table, loaded) = load(path, *entries_max).inspect_err(|_| {
+            counted(&self.reloads_refused);
+        })?;
+        counted(&self.reloads_ok);
         let old = {
             let mut w = current.write().unwrap_or_else(|p| p.into_inner());
             std::mem::replace(&mut *w, table)
@@ -296,6 +307,11 @@ mod tests {
             "{e}"
         );
         assert_eq!(p.check(&rcpt("alice", "example.org")), RcptVerdict::Accept);
+        // Counted for the metrics endpoint: two refused, then one taken.
+        std::fs::write(&path, "bob@example.org\n").unwrap();
+        p.reload().unwrap();
+        let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!((n(&p.reloads_ok), n(&p.reloads_refused)), (1, 2));
     }
 
     #[test]
