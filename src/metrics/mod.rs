@@ -16,7 +16,7 @@ use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::spool::{MetricsSource, WriterStats};
+use crate::spool::{ConsumerLag, MetricsSource, WriterStats};
 
 /// Bucket capacity of a [`Histogram`] (bounds plus the `+Inf` bucket).
 const BUCKETS_MAX: usize = 24;
@@ -209,7 +209,19 @@ fn counter(out: &mut String, name: &str, help: &str, kind: &str, value: u64) {
 
 /// Writes a counter split by one label: one line per `(value, count)`.
 fn labelled_counter(out: &mut String, name: &str, help: &str, label: &str, lines: &[(&str, u64)]) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    labelled(out, name, help, "counter", label, lines);
+}
+
+/// Writes a metric of `kind` split by one label: one line per `(value, n)`.
+fn labelled(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    kind: &str,
+    label: &str,
+    lines: &[(&str, u64)],
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     for (value, n) in lines {
         let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {n}");
     }
@@ -394,28 +406,25 @@ impl Registry {
 
         let consumers = self.spool.consumers();
         if !consumers.is_empty() {
-            let _ = writeln!(
-                out,
-                "# HELP lmtp_ingest_consumer_segments_behind Spool segments a registered consumer (spool follow --consumer) has not passed, the one it reads included: retention keeps them for it. Growing without end: the consumer is stuck or forgotten.\n# TYPE lmtp_ingest_consumer_segments_behind gauge"
+            let per = |f: fn(&ConsumerLag) -> u64| -> Vec<(&str, u64)> {
+                consumers.iter().map(|c| (c.name.as_str(), f(c))).collect()
+            };
+            labelled(
+                &mut out,
+                "lmtp_ingest_consumer_segments_behind",
+                "Spool segments a registered consumer (spool follow --consumer) has not passed, the one it reads included: retention keeps them for it. Growing without end: the consumer is stuck or forgotten.",
+                "gauge",
+                "consumer",
+                &per(|c| c.segments_behind),
             );
-            for c in &consumers {
-                let _ = writeln!(
-                    out,
-                    "lmtp_ingest_consumer_segments_behind{{consumer=\"{}\"}} {}",
-                    c.name, c.segments_behind
-                );
-            }
-            let _ = writeln!(
-                out,
-                "# HELP lmtp_ingest_consumer_saved_age_seconds Seconds since a registered consumer last saved its position.\n# TYPE lmtp_ingest_consumer_saved_age_seconds gauge"
+            labelled(
+                &mut out,
+                "lmtp_ingest_consumer_saved_age_seconds",
+                "Seconds since a registered consumer last saved its position.",
+                "gauge",
+                "consumer",
+                &per(|c| c.saved_age_s),
             );
-            for c in &consumers {
-                let _ = writeln!(
-                    out,
-                    "lmtp_ingest_consumer_saved_age_seconds{{consumer=\"{}\"}} {}",
-                    c.name, c.saved_age_s
-                );
-            }
         }
 
         let _ = writeln!(
