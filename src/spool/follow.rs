@@ -25,14 +25,14 @@
 //! Must not: write segments, or move a saved position backwards.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::lock::{self, PidLockError};
 use super::reader::{self, ReadAt, SegmentInfo, StoredRecord};
 use super::segment::SEGMENT_HEADER_LEN;
 use super::watermark::{self, Watermark};
@@ -164,46 +164,30 @@ fn save(dir: &Path, state: &ConsumerState) -> io::Result<()> {
 }
 
 /// Takes consumer `name`'s lock, `DIR/consumers/<name>.lock`, without
-/// waiting, and writes our pid into it. Held until the file is closed; the
-/// kernel drops it when the process dies, so a crash leaves no stale lock.
-/// std opens files close-on-exec, so commands a follower runs (and whatever
-/// they leave running) do not inherit it.
+/// waiting ([`lock::pid_lock`], as the spool's lock).
 fn lock_consumer(dir: &Path, name: &str) -> io::Result<File> {
     let cdir = create_consumers_dir(dir)?;
     let path = cdir.join(format!("{name}.lock"));
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| context(format!("opening {}", path.display()), &cdir, e))?;
-    // SAFETY: flock takes a file descriptor we own (borrowed from `file`, which
-    // outlives the call) and an integer; it touches no memory of ours.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+    lock::pid_lock(&path).map_err(|e| match e {
+        PidLockError::Open(e) => context(format!("opening {}", path.display()), &cdir, e),
+        PidLockError::Busy { holder } => {
             // Empty when the holder has locked but not yet written its pid.
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            let holder = match holder.trim() {
-                "" => "pid not yet written".to_string(),
-                h => h.to_string(),
+            let holder = if holder.is_empty() {
+                "pid not yet written".to_string()
+            } else {
+                holder
             };
-            return Err(io::Error::new(
+            io::Error::new(
                 io::ErrorKind::ResourceBusy,
                 format!(
                     "already followed by another process ({holder}, holding {}); run one follower per consumer: stop that one, or give this one another consumer name (--consumer)",
                     path.display()
                 ),
-            ));
+            )
         }
-        return Err(context(format!("locking {}", path.display()), &cdir, err));
-    }
-    file.set_len(0)
-        .and_then(|_| writeln!(file, "pid {}", std::process::id()))
-        .map_err(|e| context(format!("writing {}", path.display()), &cdir, e))?;
-    Ok(file)
+        PidLockError::Flock(e) => context(format!("locking {}", path.display()), &cdir, e),
+        PidLockError::Write(e) => context(format!("writing {}", path.display()), &cdir, e),
+    })
 }
 
 /// Reads committed records for one named consumer.

@@ -24,17 +24,58 @@ pub struct SpoolLock {
     _file: File,
 }
 
-/// Takes the exclusive lock on `dir/lock` without waiting.
-pub fn lock_spool(dir: &Path) -> Result<SpoolLock, SpoolError> {
-    let path = dir.join("lock");
+/// Why [`pid_lock`] did not take its lock.
+#[derive(Debug)]
+pub(crate) enum PidLockError {
+    /// Opening (or creating) the lock file failed.
+    Open(io::Error),
+    /// Another process holds it; what it wrote there (its pid), trimmed,
+    /// empty when it has locked but not yet written.
+    Busy { holder: String },
+    /// `flock` itself failed.
+    Flock(io::Error),
+    /// Writing our pid failed.
+    Write(io::Error),
+}
+
+/// Takes an exclusive `flock` on `path` (created if missing) without
+/// waiting, and writes `pid N` into it for the next one who tries. Held
+/// until the returned file is closed; the kernel drops it when the process
+/// dies. std opens files close-on-exec, so child processes do not inherit
+/// it. The spool's lock and each consumer's lock (`follow.rs`) are this.
+pub(crate) fn pid_lock(path: &Path) -> Result<File, PidLockError> {
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::PermissionDenied => SpoolError::Permission {
+        .open(path)
+        .map_err(PidLockError::Open)?;
+    // SAFETY: flock takes a file descriptor we own (borrowed from `file`, which
+    // outlives the call) and an integer; it touches no memory of ours.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            let holder = std::fs::read_to_string(path).unwrap_or_default();
+            return Err(PidLockError::Busy {
+                holder: holder.trim().to_string(),
+            });
+        }
+        return Err(PidLockError::Flock(err));
+    }
+    file.set_len(0)
+        .and_then(|_| writeln!(file, "pid {}", std::process::id()))
+        .map_err(PidLockError::Write)?;
+    Ok(file)
+}
+
+/// Takes the exclusive lock on `dir/lock` without waiting.
+pub fn lock_spool(dir: &Path) -> Result<SpoolLock, SpoolError> {
+    let path = dir.join("lock");
+    let file = pid_lock(&path).map_err(|e| match e {
+        PidLockError::Open(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            SpoolError::Permission {
                 path: path.clone(),
                 dir: dir.to_path_buf(),
                 // SAFETY: geteuid has no preconditions and touches no memory.
@@ -45,26 +86,16 @@ pub fn lock_spool(dir: &Path) -> Result<SpoolLock, SpoolError> {
                     .or_else(|_| std::fs::metadata(dir))
                     .map(|m| std::os::unix::fs::MetadataExt::uid(&m).to_string())
                     .unwrap_or_else(|_| "unknown".into()),
-            },
-            _ => SpoolError::io(format!("open {}", path.display()), e),
-        })?;
-    // SAFETY: flock takes a file descriptor we own (borrowed from `file`, which
-    // outlives the call) and an integer; it touches no memory of ours.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            return Err(SpoolError::Locked {
-                dir: dir.to_path_buf(),
-                holder: holder.trim().to_string(),
-            });
+            }
         }
-        return Err(SpoolError::io(format!("flock {}", path.display()), err));
-    }
-    file.set_len(0)
-        .and_then(|_| writeln!(file, "pid {}", std::process::id()))
-        .map_err(|e| SpoolError::io(format!("write {}", path.display()), e))?;
+        PidLockError::Open(e) => SpoolError::io(format!("open {}", path.display()), e),
+        PidLockError::Busy { holder } => SpoolError::Locked {
+            dir: dir.to_path_buf(),
+            holder,
+        },
+        PidLockError::Flock(e) => SpoolError::io(format!("flock {}", path.display()), e),
+        PidLockError::Write(e) => SpoolError::io(format!("write {}", path.display()), e),
+    })?;
     Ok(SpoolLock { _file: file })
 }
 
