@@ -219,11 +219,7 @@ fn ls(dir: &Path, json: bool) -> Result<Outcome, String> {
         // watermark that is a batch being written (or a crash's tail); below
         // it, damage, and the listing is short: say so.
         if let Some((offset, err)) = &scan.invalid {
-            let below = watermark::read(dir, info.id.writer)
-                .ok()
-                .flatten()
-                .is_some_and(|wm| (info.id.index, *offset) < (wm.segment, wm.offset));
-            if below {
+            if against_watermark(dir, &info, *offset) == Some(std::cmp::Ordering::Less) {
                 damaged = true;
                 eprintln!(
                     "lmtp-ingest: {} offset {offset}: damaged record ({err}); the messages after it in that segment are not listed: run `lmtp-ingest spool verify` (docs/DURABILITY.md, \"Damage\")",
@@ -241,6 +237,18 @@ fn ls(dir: &Path, json: bool) -> Result<Outcome, String> {
     } else {
         Outcome::Ok
     })
+}
+
+/// Where `offset` of segment `info` lies against its stream's committed
+/// watermark (`Less`: below it, synced and acknowledged); `None` when the
+/// stream has no readable watermark.
+fn against_watermark(
+    dir: &Path,
+    info: &reader::SegmentInfo,
+    offset: u64,
+) -> Option<std::cmp::Ordering> {
+    let wm = watermark::read(dir, info.id.writer).ok().flatten()?;
+    Some((info.id.index, offset).cmp(&(wm.segment, wm.offset)))
 }
 
 fn parse_id(id: &str) -> Result<QueueId, String> {
@@ -423,10 +431,8 @@ fn verify(dir: &Path, json: bool) -> Result<Outcome, String> {
             // Past the stream's committed watermark a batch may be in the
             // middle of being written (a server is running): whatever is
             // there was not acknowledged, so it is a tail, not damage.
-            let uncommitted = watermark::read(dir, info.id.writer)
-                .ok()
-                .flatten()
-                .is_some_and(|wm| (info.id.index, *offset) >= (wm.segment, wm.offset));
+            let uncommitted = against_watermark(dir, &info, *offset)
+                .is_some_and(|o| o != std::cmp::Ordering::Less);
             if scan.valid_after_invalid > 0 && !uncommitted {
                 rep.corrupt += 1;
                 rep.problems.push(format!(
