@@ -123,11 +123,7 @@ fn global_allow_list_refuses_a_second_loopback_address() {
         assert_eq!(line, "554 5.7.1 Access denied: client not allowed");
         assert!(closed);
         // Counted for the metrics endpoint.
-        let log = server
-            .wait_log("metrics endpoint listening", Duration::from_secs(10))
-            .unwrap();
-        let at = log.find("http://").unwrap() + 7;
-        let metrics = log[at..].split('/').next().unwrap().to_string();
+        let metrics = server.metrics_addr();
         let mut s = TcpStream::connect(&metrics).unwrap();
         std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
         let mut text = String::new();

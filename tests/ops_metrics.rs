@@ -36,11 +36,7 @@ fn scraped_counters_match_what_clients_sent() {
         .unwrap();
         let mut server = Server::start_in(&dir, io, &["--config", &c.display().to_string()]);
         let _dir = RemoveOnDrop(server.dir.clone());
-        let line = server
-            .wait_log("metrics endpoint listening", Duration::from_secs(10))
-            .unwrap();
-        let at = line.find("http://").unwrap() + 7;
-        let metrics = line[at..].split('/').next().unwrap().to_string();
+        let metrics = server.metrics_addr();
 
         let addr = server.addr();
         let sent_bytes = Arc::new(Mutex::new(0u64));
@@ -171,11 +167,7 @@ fn scraped_during_a_postfix_smtp_source_run() {
         std::fs::write(&c, "[metrics]\nlisten = \"127.0.0.1:0\"\n").unwrap();
         let mut server = Server::start_in(&dir, io, &["--config", &c.display().to_string()]);
         let _dir = RemoveOnDrop(server.dir.clone());
-        let line = server
-            .wait_log("metrics endpoint listening", Duration::from_secs(10))
-            .unwrap();
-        let at = line.find("http://").unwrap() + 7;
-        let metrics = line[at..].split('/').next().unwrap().to_string();
+        let metrics = server.metrics_addr();
         let mut child = std::process::Command::new(smtp_source)
             .args(["-L", "-s", &SESSIONS.to_string(), "-r", &RCPTS.to_string()])
             .args(["-l", "2048", "-m", &MESSAGES.to_string()])
@@ -229,11 +221,7 @@ fn scraped_during_our_load_generator_run() {
         std::fs::write(&c, "[metrics]\nlisten = \"127.0.0.1:0\"\n").unwrap();
         let mut server = Server::start_in(&dir, io, &["--config", &c.display().to_string()]);
         server.owns_dir = true;
-        let line = server
-            .wait_log("metrics endpoint listening", Duration::from_secs(10))
-            .unwrap();
-        let at = line.find("http://").unwrap() + 7;
-        let metrics = line[at..].split('/').next().unwrap().to_string();
+        let metrics = server.metrics_addr();
         let mut child = std::process::Command::new(server_util::BIN)
             .args(["load", "--target", &server.addr(), "--json"])
             .args(["--connections", "8", "--recipients", "4", "--size", "3000"])
@@ -324,11 +312,7 @@ fn consumers_show_how_far_behind_they_are() {
     std::fs::write(&c, "[metrics]\nlisten = \"127.0.0.1:0\"\n").unwrap();
     let mut server = Server::start_in(&dir, "epoll", &["--config", &c.display().to_string()]);
     let _dir = RemoveOnDrop(server.dir.clone());
-    let line = server
-        .wait_log("metrics endpoint listening", Duration::from_secs(10))
-        .unwrap();
-    let at = line.find("http://").unwrap() + 7;
-    let metrics = line[at..].split('/').next().unwrap().to_string();
+    let metrics = server.metrics_addr();
     assert!(
         !scrape(&metrics)
             .keys()
