@@ -225,18 +225,7 @@ fn bad_table_on_reload_keeps_the_old_one_and_names_file_and_line() {
 
 #[test]
 fn a_bad_table_at_start_up_is_refused() {
-    let dir = test_dir("ops-badstart");
-    let _dir = RemoveOnDrop(dir.clone());
-    let flags = table_config(&dir, "ok@example.org\nbad@\n");
-    let out = std::process::Command::new(server_util::BIN)
-        .arg("serve")
-        .args(&flags)
-        .args(["--listen", "127.0.0.1:0", "--spool"])
-        .arg(dir.join("spool"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_at_start("ops-badstart", Some("ok@example.org\nbad@\n"));
     assert!(err.contains("recipients:2:"), "{err}");
 }
 
