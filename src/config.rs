@@ -127,6 +127,25 @@ pub struct LogSection {
 /// The levels `log.level` takes, alone or after `TARGET=`, quietest first.
 pub const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
 
+/// One of [`LOG_LEVELS`], in any case.
+pub fn is_log_level(l: &str) -> bool {
+    LOG_LEVELS.iter().any(|k| k.eq_ignore_ascii_case(l))
+}
+
+/// A log target this server has: `delivery`, `lmtp_ingest` or one of its
+/// module paths (`lmtp_ingest::spool`).
+pub fn is_log_target(t: &str) -> bool {
+    t == "delivery"
+        || t.strip_prefix("lmtp_ingest").is_some_and(|rest| {
+            rest.is_empty()
+                || rest.strip_prefix("::").is_some_and(|path| {
+                    path.split("::").all(|m| {
+                        !m.is_empty() && m.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                    })
+                })
+        })
+}
+
 /// Turns `log.level` into the filter the server logs with; the one place
 /// that does, so what `check` accepts is exactly what takes effect.
 ///
@@ -143,19 +162,6 @@ pub fn log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, ConfigEr
             LOG_LEVELS.map(|l| format!("\"{l}\"")).join(", ")
         )
     };
-    let is_level = |l: &str| LOG_LEVELS.iter().any(|k| k.eq_ignore_ascii_case(l));
-    let is_target = |t: &str| {
-        t == "delivery"
-            || t.strip_prefix("lmtp_ingest").is_some_and(|rest| {
-                rest.is_empty()
-                    || rest.strip_prefix("::").is_some_and(|path| {
-                        path.split("::").all(|m| {
-                            !m.is_empty()
-                                && m.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                        })
-                    })
-            })
-    };
     // Rebuilt from the checked parts (trimmed, levels in lower case), so the
     // filter reads exactly what was checked.
     let mut normalized = Vec::new();
@@ -165,13 +171,13 @@ pub fn log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, ConfigEr
             None => (None, d),
         };
         let problem = match target {
-            Some(t) if !is_target(t) => {
+            Some(t) if !is_log_target(t) => {
                 format!("'{t}' is not a log target, so '{d}' would match no line")
             }
-            None if !is_level(l) => format!(
+            None if !is_log_level(l) => format!(
                 "'{l}' is not a log level (the filter would take it for a target that no line has: alone, it turns every line off)"
             ),
-            _ if !is_level(l) => format!("'{l}' is not a log level"),
+            _ if !is_log_level(l) => format!("'{l}' is not a log level"),
             _ => {
                 let l = l.to_ascii_lowercase();
                 normalized.push(target.map_or(l.clone(), |t| format!("{t}={l}")));

@@ -122,11 +122,7 @@ fn rust_log_typo(v: &str) -> Option<String> {
     v.split(',')
         .map(str::trim)
         .filter(|d| !d.is_empty() && !d.contains('=') && !d.contains('['))
-        .find(|d| {
-            let level = config::LOG_LEVELS.iter().any(|l| l.eq_ignore_ascii_case(d));
-            let ours = *d == "delivery" || *d == "lmtp_ingest" || d.starts_with("lmtp_ingest::");
-            !level && !ours
-        })
+        .find(|d| !config::is_log_level(d) && !config::is_log_target(d))
         .map(str::to_string)
 }
 
