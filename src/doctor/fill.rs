@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::fsync::TempFile;
-use crate::spool::fs::{AlignedBuf, DIRECT_ALIGN, RealStorage, Storage, StorageFile};
+use super::fsync::{TempFile, write};
+use crate::spool::fs::{AlignedBuf, DIRECT_ALIGN, RealStorage, Storage};
 
 /// Batch sizes measured: from a few dozen small messages to the default
 /// `batch_bytes_max`.
@@ -74,24 +74,6 @@ pub struct FillReport {
     /// `break_even_log2` as bytes, rounded to a power of two: the
     /// `allocate_from_batch_bytes` this disk suggests.
     pub allocate_wins_from: Option<u64>,
-}
-
-/// Writes `len` bytes of `buf` at `pos`, past the page cache while the file
-/// system allows it.
-fn write(
-    f: &mut dyn StorageFile,
-    buf: &AlignedBuf,
-    len: usize,
-    pos: u64,
-    direct: &mut bool,
-) -> io::Result<()> {
-    if *direct {
-        match f.write_direct_at(buf.as_slice(len), pos) {
-            Err(e) if e.kind() == io::ErrorKind::Unsupported => *direct = false,
-            r => return r,
-        }
-    }
-    f.write_all_at(buf.as_slice(len), pos)
 }
 
 fn timed(step: impl FnOnce() -> io::Result<()>) -> io::Result<f64> {

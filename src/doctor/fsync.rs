@@ -40,7 +40,7 @@ use serde::Serialize;
 
 use super::Check;
 use super::fill::{self, FillReport};
-use crate::spool::fs::{AlignedBuf, RealStorage, Storage};
+use crate::spool::fs::{AlignedBuf, RealStorage, Storage, StorageFile};
 
 /// One write's size: a small message's record, and `pg_test_fsync`'s default.
 pub const BLOCK_BYTES: usize = 4096;
@@ -217,15 +217,28 @@ fn overwrite_stream(
     let slots = OVERWRITE_FILE_BYTES / BLOCK_BYTES as u64;
     let stats = rounds(&t.file, budget, |i| {
         let pos = (i as u64 % slots) * BLOCK_BYTES as u64;
-        if direct {
-            match f.write_direct_at(aligned.as_slice(BLOCK_BYTES), pos) {
-                Err(e) if e.kind() == io::ErrorKind::Unsupported => direct = false,
-                r => return r,
-            }
-        }
-        f.write_all_at(&block, pos)
+        write(f.as_mut(), &aligned, BLOCK_BYTES, pos, &mut direct)
     })?;
     Ok((stats, direct))
+}
+
+/// Writes `len` bytes of `buf` at `pos`, past the page cache while the file
+/// system allows it (`direct` is cleared, for this and later writes, the
+/// first time it refuses), as the spool's writers do.
+pub(super) fn write(
+    f: &mut dyn StorageFile,
+    buf: &AlignedBuf,
+    len: usize,
+    pos: u64,
+    direct: &mut bool,
+) -> io::Result<()> {
+    if *direct {
+        match f.write_direct_at(buf.as_slice(len), pos) {
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => *direct = false,
+            r => return r,
+        }
+    }
+    f.write_all_at(buf.as_slice(len), pos)
 }
 
 /// Not all zeros, in case the file system compresses or dedups.
