@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::fsync::{TempFile, write};
+use super::fsync::{TempFile, fill_pattern, write};
 use crate::spool::fs::{AlignedBuf, DIRECT_ALIGN, RealStorage, Storage};
 
 /// Batch sizes measured: from a few dozen small messages to the default
@@ -130,10 +130,8 @@ pub fn measure(dir: &Path, budget: Duration) -> io::Result<FillReport> {
     }
     let mut buf = AlignedBuf::new();
     let big = *SIZES.last().expect("sizes");
-    for (i, b) in buf.get(big.max(ZERO_CHUNK)).iter_mut().enumerate() {
-        // Not all zeros, in case the file system compresses or dedups.
-        *b = (i * 131 % 251) as u8;
-    }
+    // Not all zeros, in case the file system compresses or dedups.
+    fill_pattern(buf.get(big.max(ZERO_CHUNK)));
     let mut zeros = AlignedBuf::new();
     zeros.get(ZERO_CHUNK).fill(0);
     let mut direct = true;

@@ -243,7 +243,16 @@ pub(super) fn write(
 
 /// Not all zeros, in case the file system compresses or dedups.
 fn pattern() -> Vec<u8> {
-    (0..BLOCK_BYTES).map(|i| (i * 131 % 251) as u8).collect()
+    let mut v = vec![0; BLOCK_BYTES];
+    fill_pattern(&mut v);
+    v
+}
+
+/// Fills `buf` with [`pattern`]'s bytes, at any length.
+pub(super) fn fill_pattern(buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = (i * 131 % 251) as u8;
+    }
 }
 
 /// [`PARALLEL_STREAMS`] overwrite streams at once, for `budget`.
@@ -282,17 +291,17 @@ fn parallel(dir: &Path, budget: Duration, one_stream: &LatencyStats) -> io::Resu
 /// Measures the three modes and the segment fill in `dir`, `total` split
 /// between them.
 pub fn measure(dir: &Path, total: Duration) -> io::Result<FsyncReport> {
-    let third = total / 4;
+    let share = total / 4;
     let block = pattern();
 
     let append = {
         let t = TempFile::create(dir, "append")?;
         fdatasync(&t.file)?;
         let mut f: &File = &t.file;
-        rounds(&t.file, third, |_| f.write_all(&block))?
+        rounds(&t.file, share, |_| f.write_all(&block))?
     };
-    let (overwrite, overwrite_direct) = overwrite_stream(dir, "overwrite", third, None)?;
-    let parallel = parallel(dir, third, &overwrite)?;
+    let (overwrite, overwrite_direct) = overwrite_stream(dir, "overwrite", share, None)?;
+    let parallel = parallel(dir, share, &overwrite)?;
     let fallocate = {
         let t = TempFile::create(dir, "fallocate")?;
         let mut f = RealStorage.open(&t.path)?;
@@ -303,7 +312,7 @@ pub fn measure(dir: &Path, total: Duration) -> io::Result<FsyncReport> {
         }
     };
     let (fill, fill_error) = if fallocate {
-        match fill::measure(dir, third) {
+        match fill::measure(dir, share) {
             Ok(r) => (Some(r), None),
             Err(e) => (None, Some(e.to_string())),
         }
